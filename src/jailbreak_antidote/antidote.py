@@ -1,0 +1,275 @@
+"""The Antidote value object: per-layer sparse safety vectors plus metadata; save, load, validate."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ArtifactError, ArtifactMismatch, InvalidParameter
+from .steer import Alpha, Steering
+
+FORMAT = "jailbreak-antidote"
+FORMAT_VERSION = 1
+SELECTORS = ("top", "random")
+
+
+def check_k(k: float) -> float:
+    if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 1:
+        raise InvalidParameter(f"k must be in (0, 1] (the fraction of coordinates kept), got {k!r}")
+    return float(k)
+
+
+def sparse_mask(direction: torch.Tensor, k: float, selector: str, seed: int) -> torch.Tensor:
+    """Boolean mask keeping int(k * hidden) coordinates: the largest |d| ('top') or a seeded random set."""
+    hidden = direction.numel()
+    keep = int(check_k(k) * hidden)
+    if keep < 1:
+        raise InvalidParameter(f"k={k} keeps no coordinate of a {hidden}-dim vector; use k >= {1 / hidden:.4g}")
+    if selector == "top":
+        index = direction.abs().topk(keep).indices
+    elif selector == "random":
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(hidden, generator=generator)[:keep]
+    else:
+        raise InvalidParameter(f"selector must be one of {SELECTORS}, got {selector!r}")
+    mask = torch.zeros(hidden, dtype=torch.bool)
+    mask[index] = True
+    return mask
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Antidote:
+    """Sparse safety directions for some decoder blocks of one model.
+
+    directions[i] is the (unmasked) direction for block layers[i]; masks[i] selects the coordinates that
+    are steered. The vector added at run time is alpha * directions[i] * masks[i]; alpha > 0 is safer.
+    """
+
+    layers: list[int]
+    directions: torch.Tensor  # float32 [len(layers), hidden]
+    masks: torch.Tensor  # bool [len(layers), hidden]
+    k: float
+    selector: str = "top"
+    method: str = "pca"
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)  # identity of the model it was fitted on
+    alpha: dict[str, Any] = field(default_factory=dict)  # suggested value, range, and how they were derived
+    stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics per layer
+    chat: dict[str, Any] = field(default_factory=dict)  # chat formatting used when fitting
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    # ----- vectors ---------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.directions.shape[1])
+
+    @property
+    def suggested_alpha(self) -> float:
+        return float(self.alpha.get("suggested", 1.0))
+
+    def vectors(self) -> dict[int, torch.Tensor]:
+        """{block index: the sparse vector added per unit of alpha}."""
+        sparse = self.directions * self.masks
+        return {layer: sparse[i] for i, layer in enumerate(self.layers)}
+
+    def with_k(self, k: float, selector: str | None = None) -> Antidote:
+        """The same directions re-masked to keep int(k * hidden) coordinates; nothing is refitted."""
+        selector = selector or self.selector
+        masks = torch.stack(
+            [sparse_mask(d, k, selector, self.seed + layer) for d, layer in zip(self.directions, self.layers)]
+        )
+        return replace(self, masks=masks, k=float(k), selector=selector)
+
+    # ----- arithmetic, like repeng's ControlVector -------------------------------------------------
+    def __mul__(self, factor: float) -> Antidote:
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
+            return NotImplemented
+        return self._derived(self.layers, self.directions * float(factor), self.masks, f"* {factor}")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: float) -> Antidote:
+        if not isinstance(divisor, int | float) or divisor == 0:
+            return NotImplemented
+        return self * (1.0 / divisor)
+
+    def __neg__(self) -> Antidote:
+        return self * -1.0
+
+    def __add__(self, other: Antidote) -> Antidote:
+        if not isinstance(other, Antidote):
+            return NotImplemented
+        if other.hidden_size != self.hidden_size or other.model.get("num_layers") != self.model.get("num_layers"):
+            raise ArtifactMismatch("cannot add antidotes fitted on different models (hidden size or depth differ)")
+        layers = sorted(set(self.layers) | set(other.layers))
+        directions = torch.zeros(len(layers), self.hidden_size)
+        masks = torch.zeros(len(layers), self.hidden_size, dtype=torch.bool)
+        for source in (self, other):
+            for i, layer in enumerate(source.layers):
+                j = layers.index(layer)
+                directions[j] += source.directions[i] * source.masks[i]
+                masks[j] |= source.masks[i]
+        return self._derived(layers, directions, masks, "+ other antidote")
+
+    def __sub__(self, other: Antidote) -> Antidote:
+        return self + (-other)
+
+    def _derived(self, layers: list[int], directions: torch.Tensor, masks: torch.Tensor, op: str) -> Antidote:
+        provenance = copy.deepcopy(self.provenance)
+        provenance.setdefault("derived", []).append(op)
+        return replace(self, layers=list(layers), directions=directions, masks=masks, provenance=provenance)
+
+    # ----- application ----------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise ArtifactMismatch unless `model` is the model this antidote was fitted on."""
+        from .models import model_identity_light
+
+        here = model_identity_light(model)
+        expected = self.model
+        fix = "fit an antidote for this model (`antidote fit --model ...`) or load the model it was fitted on"
+        for key in ("hidden_size", "num_layers"):
+            if expected.get(key) != here[key]:
+                raise ArtifactMismatch(
+                    f"antidote was fitted on {expected.get('name') or 'another model'} with {key}="
+                    f"{expected.get(key)}, but this model has {key}={here[key]}; {fix}"
+                )
+        probe = expected.get("weights_probe")
+        if probe:
+            ours, theirs = torch.tensor(here["weights_probe"]), torch.tensor(probe)
+            scale = float(theirs.abs().max()) or 1.0
+            if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * scale):
+                raise ArtifactMismatch(
+                    f"antidote was fitted on {expected.get('name') or 'another model'} "
+                    f"({expected.get('architecture')}), whose weights differ from this model's; {fix}"
+                )
+
+    def applied(self, model: nn.Module, alpha: Alpha | None = None, *, validate: bool = True) -> Steering:
+        """Context manager that steers `model` (alpha: number or one value per batch row; default: the
+        suggested alpha). Hooks are removed on exit, also after an exception."""
+        if validate:
+            self.validate(model)
+        return Steering(model, self.vectors(), self.suggested_alpha if alpha is None else alpha)
+
+    # ----- persistence ----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "layers": self.layers,
+            "k": self.k,
+            "selector": self.selector,
+            "method": self.method,
+            "seed": self.seed,
+            "model": self.model,
+            "alpha": self.alpha,
+            "stats": self.stats,
+            "chat": self.chat,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a .antidote file (safetensors with JSON metadata) atomically: temp file, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "directions": self.directions.float().contiguous(),
+            "masks": self.masks.to(torch.uint8).contiguous(),
+        }
+        meta = self.metadata()
+        meta["tensors_sha256"] = _tensor_digest(tensors)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "meta": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> Antidote:
+        """Read a .antidote file; with `model`, also check that it belongs to that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"antidote file {str(path)!r} does not exist; create one with `antidote fit`")
+        refit = "the file is corrupted or truncated; fit it again with `antidote fit`"
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"cannot read antidote {str(path)!r}: {refit} ({exc})") from None
+        if header.get("format") != FORMAT:
+            raise ArtifactError(f"{str(path)!r} is a safetensors file but not an antidote (no '{FORMAT}' header)")
+        try:
+            meta = json.loads(header["meta"])
+        except (KeyError, json.JSONDecodeError):
+            raise ArtifactError(f"antidote {str(path)!r} has unreadable metadata: {refit}") from None
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"antidote {str(path)!r} has format version {version}, this jailbreak-antidote reads version "
+                f"{FORMAT_VERSION}; upgrade the package or refit the antidote"
+            )
+        if set(tensors) != {"directions", "masks"} or meta.get("tensors_sha256") != _tensor_digest(tensors):
+            raise ArtifactError(f"antidote {str(path)!r} failed its checksum: {refit}")
+        directions, masks = tensors["directions"], tensors["masks"].bool()
+        layers = [int(layer) for layer in meta["layers"]]
+        if directions.shape != masks.shape or directions.shape[0] != len(layers):
+            raise ArtifactError(f"antidote {str(path)!r} has inconsistent shapes: {refit}")
+        antidote = cls(
+            layers=layers,
+            directions=directions,
+            masks=masks,
+            k=float(meta["k"]),
+            selector=meta["selector"],
+            method=meta["method"],
+            seed=int(meta["seed"]),
+            model=meta["model"],
+            alpha=meta["alpha"],
+            stats=meta["stats"],
+            chat=meta["chat"],
+            provenance=meta["provenance"],
+        )
+        if model is not None:
+            antidote.validate(model)
+        return antidote
+
+    def summary(self) -> dict[str, Any]:
+        """What `antidote inspect --json` prints: everything but the raw vectors and per-layer arrays."""
+        nonzeros = self.masks.sum(dim=1).tolist()
+        kept_norms = (self.directions * self.masks).norm(dim=1).tolist()
+        return {
+            "model": {k: v for k, v in self.model.items() if k != "weights_probe"},
+            "layers": self.layers,
+            "num_layers_selected": len(self.layers),
+            "k": self.k,
+            "selector": self.selector,
+            "method": self.method,
+            "nonzeros_per_layer": nonzeros,
+            "masked_norm_per_layer": [round(x, 4) for x in kept_norms],
+            "alpha": self.alpha,
+            "layer_accuracy": self.stats.get("layer_accuracy", {}),
+            "chat": self.chat,
+            "provenance": self.provenance,
+        }

@@ -1,0 +1,320 @@
+"""The `antidote` command line: thin wrappers that parse, call the library and print."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import bundled
+from .errors import AntidoteError, InvalidParameter
+
+app = typer.Typer(
+    help="Jailbreak Antidote: steer a chat LLM's hidden states along a sparse safety direction at run time.\n\n"
+    "Typical flow: `antidote fit --out m.antidote`, then `antidote generate --antidote m.antidote PROMPT`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Bundled name, local HF directory, .gguf file or hub id [default: the bundled 0.5B]"
+    ),
+]
+SystemOption = Annotated[
+    str | None, typer.Option(help="System prompt (folded into the user turn for templates without one)")
+]
+
+
+def friendly_errors(command: F) -> F:
+    """Print AntidoteErrors as one line and exit 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AntidoteError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load(model: str | None):
+    from .models import load_model
+
+    with err.status(f"loading model {model or bundled.DEFAULT_MODEL} ..."):
+        return load_model(model)
+
+
+@app.command()
+@friendly_errors
+def models() -> None:
+    """List the bundled models, whether they are installed, and how to install them."""
+    table = Table(title="Bundled models")
+    for column in ("name", "installed", "converted copy cached", "size", "install with"):
+        table.add_column(column)
+    for model in bundled.BUNDLED.values():
+        installed = bundled.is_installed(model)
+        cached = (bundled.cache_root() / "models" / model.name / "hf" / "converted-from.json").is_file()
+        table.add_row(
+            model.name + (" (default)" if model.name == bundled.DEFAULT_MODEL else ""),
+            "yes" if installed else "[red]no[/]",
+            "yes" if cached else "no",
+            f"{model.size / 1e6:.0f} MB",
+            "" if installed else model.install,
+        )
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def fit(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .antidote file")],
+    model: ModelOption = None,
+    harmful: Annotated[
+        Path | None, typer.Option(help="Harmful (positive) prompts: .json/.jsonl/.csv/.txt [default: built-in set]")
+    ] = None,
+    harmless: Annotated[
+        Path | None, typer.Option(help="Harmless (negative) prompts, paired one to one with --harmful")
+    ] = None,
+    k: Annotated[float, typer.Option(help="Fraction of coordinates steered per layer, in (0, 1]")] = 0.05,
+    layer_top_p: Annotated[float, typer.Option(help="Fraction of layers kept, ranked by held-out accuracy")] = 0.9,
+    method: Annotated[str, typer.Option(help="Direction estimator: pca or mean_diff")] = "pca",
+    selector: Annotated[str, typer.Option(help="Which coordinates to keep: top (largest |d|) or random")] = "top",
+    system: SystemOption = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N pairs")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for the held-out split and random masks")] = 0,
+) -> None:
+    """Fit an antidote from paired harmful/harmless prompts and save it."""
+    from .antidote import check_k
+    from .fit import fit_antidote
+    from .prompts import builtin_calibration, check_pairs, read_prompts
+
+    check_k(k)
+    if not 0 < layer_top_p <= 1:
+        raise InvalidParameter(f"--layer-top-p must be in (0, 1], got {layer_top_p}")
+    if (harmful is None) != (harmless is None):
+        raise InvalidParameter("give both --harmful and --harmless, or neither (to use the built-in set)")
+    if harmful is not None and harmless is not None:
+        positives, negatives = read_prompts(harmful), read_prompts(harmless)
+        source = f"{harmful.name} / {harmless.name}"
+    else:
+        calibration = builtin_calibration()
+        positives, negatives, source = calibration.harmful, calibration.harmless, "builtin"
+    if limit is not None:
+        positives, negatives = positives[:limit], negatives[:limit]
+    check_pairs(positives, negatives)
+    lm, tokenizer = _load(model)
+    antidote = fit_antidote(
+        lm, tokenizer, positives, negatives, k=k, layer_top_p=layer_top_p, method=method, selector=selector,
+        system=system, batch_size=batch_size, seed=seed, show_progress=True, source=source,
+    )  # fmt: skip
+    antidote.save(out_path)
+    _print_layers(antidote)
+    alpha = antidote.alpha
+    out.print(
+        f"saved [bold]{out_path}[/]: {len(antidote.layers)} layers, k={antidote.k} "
+        f"({int(antidote.masks[0].sum())} of {antidote.hidden_size} coordinates), fitted in "
+        f"{antidote.provenance['fit_seconds']} s\nsuggested alpha [bold]{alpha['suggested']}[/] "
+        f"(range {alpha['range'][0]} - {alpha['range'][1]})"
+    )
+
+
+def _print_layers(antidote) -> None:
+    table = Table(title="Per-layer held-out paired accuracy")
+    for column in ("layer", "accuracy", "separation", "selected"):
+        table.add_column(column, justify="right")
+    accuracy = antidote.stats.get("layer_accuracy", {})
+    separation = antidote.stats.get("layer_separation", {})
+    for layer, value in accuracy.items():
+        chosen = int(layer) in antidote.layers
+        table.add_row(layer, f"{value:.2f}", f"{separation.get(layer, 0):.2f}", "yes" if chosen else "")
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A .antidote file")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Summarise an antidote: model, layers, sparsity, suggested alpha and calibration statistics."""
+    from .antidote import Antidote
+
+    antidote = Antidote.load(path)
+    summary = antidote.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    model = summary["model"]
+    out.print(f"[bold]{path}[/]")
+    out.print(
+        f"model: {model.get('name')} ({model.get('architecture')}, hidden {model.get('hidden_size')}, "
+        f"{model.get('num_layers')} blocks)"
+    )
+    out.print(f"method {antidote.method}, k={antidote.k} ({antidote.selector}), layers {antidote.layers}")
+    alpha = antidote.alpha
+    out.print(f"suggested alpha {alpha.get('suggested')} (range {alpha.get('range')}): {alpha.get('how')}")
+    out.print(f"calibration: {antidote.provenance.get('calibration')}, {antidote.provenance.get('n_pairs')} pairs")
+    _print_layers(antidote)
+
+
+@app.command()
+@friendly_errors
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="One prompt (or use --prompts FILE)")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts file: .jsonl (prompt field), .csv (prompt or Goal column) or .txt")
+    ] = None,
+    model: ModelOption = None,
+    antidote_path: Annotated[Path | None, typer.Option("--antidote", "-a", help="A .antidote file")] = None,
+    alpha: Annotated[
+        list[float] | None,
+        typer.Option(help="Steering strength; repeat for a side-by-side comparison [default: suggested]"),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch")] = 8,
+    system: SystemOption = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response")
+    ] = None,
+) -> None:
+    """Generate answers, optionally steered by an antidote at one or several alphas."""
+    from .antidote import Antidote
+    from .generate import Sampling, generate_grid
+    from .prompts import read_prompts
+    from .steer import check_alpha
+
+    if (prompt is None) == (prompts is None):
+        raise InvalidParameter("give exactly one of PROMPT or --prompts FILE")
+    texts = [prompt] if prompt is not None else read_prompts(prompts)  # type: ignore[arg-type]
+    for value in alpha or []:
+        check_alpha(value)
+    antidote = Antidote.load(antidote_path) if antidote_path else None
+    if antidote is None and alpha:
+        raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
+    alphas = alpha or ([antidote.suggested_alpha] if antidote else [0.0])
+    if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
+        model = antidote.model["name"]
+    lm, tokenizer = _load(model)
+    rows = generate_grid(
+        lm, tokenizer, texts, alphas, antidote=antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True,
+    )  # fmt: skip
+    if out_path is not None:
+        _write_jsonl_atomic(out_path, rows)
+        err.print(f"wrote {len(rows)} rows to {out_path}")
+    table = Table(show_lines=True)
+    table.add_column("prompt", max_width=40)
+    for value in alphas:
+        table.add_column(f"alpha {value:g}" if antidote else "response")
+    for i, text in enumerate(texts):
+        answers = [row["response"] for row in rows[i * len(alphas) : (i + 1) * len(alphas)]]
+        table.add_row(text, *answers)
+    out.print(table)
+
+
+def _demo_antidote(lm, tokenizer, model_name: str):
+    """Fit on the built-in set, or reuse the one cached for this model and calibration data."""
+    from .antidote import Antidote
+    from .fit import fit_antidote
+    from .models import weights_digest
+    from .prompts import builtin_calibration
+
+    calibration = builtin_calibration()
+    key = hashlib.sha256(
+        json.dumps([weights_digest(lm), calibration.harmful, calibration.harmless]).encode()
+    ).hexdigest()[:16]
+    path = bundled.cache_root() / "antidotes" / f"{Path(model_name).name}-builtin-{key}.antidote"
+    if path.is_file():
+        try:
+            err.print(f"reusing cached antidote {path}")
+            return Antidote.load(path, model=lm)
+        except AntidoteError as exc:
+            err.print(f"cached antidote unusable ({exc}); refitting")
+    err.print("fitting an antidote on the built-in calibration set (once; cached afterwards)")
+    antidote = fit_antidote(
+        lm, tokenizer, calibration.harmful, calibration.harmless, show_progress=True, source="builtin"
+    )
+    antidote.save(path)
+    return antidote
+
+
+@app.command()
+@friendly_errors
+def demo(
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer")] = 40,
+    alpha: Annotated[float | None, typer.Option(help="Steering strength [default: the suggested alpha]")] = None,
+) -> None:
+    """The main job on the bundled model: fit (or reuse) an antidote, then compare answers without and with it."""
+    from .eval.judges import is_refusal
+    from .generate import generate_grid
+    from .prompts import builtin_prompts
+
+    lm, tokenizer = _load(model)
+    antidote = _demo_antidote(lm, tokenizer, model or bundled.DEFAULT_MODEL)
+    strength = antidote.suggested_alpha if alpha is None else alpha
+    kinds = {"harmful": 2, "jailbreak": 4, "benign": 4}
+    items = [(kind, p) for kind, n in kinds.items() for p in builtin_prompts(kind)[:n]]
+    rows = generate_grid(
+        lm, tokenizer, [p for _, p in items], [0.0, strength], antidote=antidote,
+        max_new_tokens=max_new_tokens, batch_size=10, show_progress=True,
+    )  # fmt: skip
+    table = Table(title=f"Answers without (alpha 0) and with the antidote (alpha {strength:g})", show_lines=True)
+    table.add_column("kind")
+    table.add_column("prompt", max_width=36)
+    table.add_column("alpha 0", max_width=40)
+    table.add_column(f"alpha {strength:g}", max_width=40)
+    verdict = {True: "[red]refused[/]", False: "[green]answered[/]"}
+    counts = {kind: [0, 0, 0] for kind in kinds}
+    for i, (kind, text) in enumerate(items):
+        base, steered = rows[2 * i]["response"], rows[2 * i + 1]["response"]
+        base_refused, steered_refused = is_refusal(base), is_refusal(steered)
+        counts[kind][0] += base_refused
+        counts[kind][1] += steered_refused
+        counts[kind][2] += 1
+        short = text if len(text) < 140 else text[:137] + "..."
+        table.add_row(
+            kind,
+            short,
+            f"{verdict[base_refused]}: {base[:120]}",
+            f"{verdict[steered_refused]}: {steered[:120]}",
+        )
+    out.print(table)
+    for kind, (base, steered, total) in counts.items():
+        out.print(f"{kind:>9}: refused {base}/{total} at alpha 0 -> {steered}/{total} at alpha {strength:g}")
+    out.print(
+        "[dim]Verdicts come from a refusal keyword judge. Benign prompts should stay answered; "
+        "raise --alpha for more safety, lower it for less over-refusal.[/]"
+    )

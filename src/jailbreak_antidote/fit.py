@@ -1,0 +1,221 @@
+"""Fit an antidote (METHOD.md section 2): directions, sign, layer scores and selection, sparse masks.
+
+The suggested alpha is derived from the model's own statistics (see `suggest_alpha`), not hard-coded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .activations import last_token_states
+from .antidote import SELECTORS, Antidote, check_k, sparse_mask
+from .blocks import decoder_blocks
+from .errors import InvalidParameter
+from .models import model_identity
+from .prompts import check_pairs
+
+METHODS = ("pca", "mean_diff")
+# The suggested alpha closes this fraction of the harmful-harmless projection gap (see suggest_alpha).
+GAP_FRACTION = 0.5
+
+
+def _package_version() -> str:
+    try:
+        return version("jailbreak-antidote")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def directions_from_differences(diffs: torch.Tensor, method: str) -> torch.Tensor:
+    """Unit directions [layers, hidden] from paired differences diffs [pairs, layers, hidden].
+
+    pca: the first right singular vector of the *uncentred* differences (centring would erase the
+    signal, since every pair has the same harmful-minus-harmless order). mean_diff: their mean.
+    Both are oriented so the mean difference projects positively (harmful projects higher).
+    """
+    mean = diffs.mean(dim=0)
+    if method == "pca":
+        per_layer = diffs.transpose(0, 1).double()  # [layers, pairs, hidden]
+        _, _, vh = torch.linalg.svd(per_layer, full_matrices=False)
+        direction = vh[:, 0, :].float()
+    elif method == "mean_diff":
+        direction = mean.clone()
+    else:
+        raise InvalidParameter(f"method must be one of {METHODS}, got {method!r}")
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sign = torch.sign((direction * mean).sum(dim=1))
+    sign[sign == 0] = 1
+    return direction * sign[:, None]
+
+
+def paired_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Per layer: fraction of pairs whose harmful member projects higher than its harmless partner."""
+    diff = ((harmful - harmless) * direction[None]).sum(dim=-1)  # [pairs, layers]
+    return (diff > 0).float().mean(dim=0)
+
+
+def separation(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Per layer: projection gap between the classes in units of their pooled standard deviation."""
+    pos = (harmful * direction[None]).sum(dim=-1)
+    neg = (harmless * direction[None]).sum(dim=-1)
+    pooled = ((pos.var(dim=0) + neg.var(dim=0)) / 2).sqrt().clamp_min(1e-6)
+    return (pos.mean(dim=0) - neg.mean(dim=0)) / pooled
+
+
+def suggest_alpha(
+    directions: torch.Tensor, masks: torch.Tensor, layers: list[int], gaps: torch.Tensor
+) -> dict[str, object]:
+    """Suggested alpha from the model's own statistics.
+
+    Steering adds alpha * v_j (v_j = d_j * m_j) after every selected block j, and what is added stays in
+    the residual stream, so at selected layer l the projection onto d_l moves by about
+    alpha * c_l with c_l = sum over selected j <= l of v_j . d_l (ignoring the blocks' own response).
+    alpha_close_l = gap_l / c_l would move a harmless-looking prompt all the way to the harmful class
+    mean at layer l. The suggestion is GAP_FRACTION of the median alpha_close over selected layers; the
+    range spans a quarter to twice that (from a light touch to where over-refusal sets in).
+    """
+    vectors = directions * masks
+    order = sorted(range(len(layers)), key=lambda i: layers[i])
+    closes = []
+    for pos, i in enumerate(order):
+        cumulative = vectors[[order[j] for j in range(pos + 1)]].sum(dim=0)
+        shift = float(cumulative @ directions[i])
+        if shift > 0 and float(gaps[i]) > 0:
+            closes.append(float(gaps[i]) / shift)
+    if not closes:
+        raise InvalidParameter("cannot suggest an alpha: no selected layer separates the two prompt sets")
+    close = float(torch.tensor(closes).median())
+    suggested = GAP_FRACTION * close
+    return {
+        "suggested": round(suggested, 4),
+        "range": [round(suggested / 4, 4), round(suggested * 2, 4)],
+        "alpha_close_median": round(close, 4),
+        "how": f"{GAP_FRACTION} x median over selected layers of (class projection gap) / (projection of "
+        "the accumulated steering vectors per unit alpha); range: 1/4x to 2x the suggestion",
+    }
+
+
+def fit_antidote(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    k: float = 0.05,
+    layer_top_p: float = 0.9,
+    method: str = "pca",
+    selector: str = "top",
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    system: str | None = None,
+    batch_size: int = 16,
+    show_progress: bool = False,
+    source: str = "custom",
+) -> Antidote:
+    """Fit an antidote from paired prompts: harmful[i] is matched with harmless[i].
+
+    Works for any concept: 'harmful' is the side that +alpha pushes towards.
+    """
+    check_k(k)
+    if not 0 < layer_top_p <= 1:
+        raise InvalidParameter(f"layer_top_p must be in (0, 1] (fraction of layers kept), got {layer_top_p}")
+    if method not in METHODS:
+        raise InvalidParameter(f"method must be one of {METHODS}, got {method!r}")
+    if selector not in SELECTORS:
+        raise InvalidParameter(f"selector must be one of {SELECTORS}, got {selector!r}")
+    if not 0 < val_fraction < 1:
+        raise InvalidParameter(f"val_fraction must be in (0, 1), got {val_fraction}")
+    harmful, harmless = list(harmful), list(harmless)
+    check_pairs(harmful, harmless)
+
+    started = time.perf_counter()
+    candidates = list(range(1, len(decoder_blocks(model))))  # block 0 is never steered
+    if not candidates:
+        raise InvalidParameter("the model has a single decoder block; the antidote needs at least two")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        states = last_token_states(
+            model,
+            tokenizer,
+            harmful + harmless,
+            candidates,
+            system=system,
+            batch_size=batch_size,
+            progress=progress,
+            description="reading hidden states",
+        )
+    pos, neg = states[: len(harmful)], states[len(harmful) :]
+
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(harmful), generator=generator)
+    n_val = max(2, round(val_fraction * len(harmful)))
+    val, train = perm[:n_val], perm[n_val:]
+
+    directions = directions_from_differences(pos[train] - neg[train], method)
+    accuracy = paired_accuracy(pos[val], neg[val], directions)
+    val_separation = separation(pos[val], neg[val], directions)
+    other = "mean_diff" if method == "pca" else "pca"
+    other_accuracy = paired_accuracy(pos[val], neg[val], directions_from_differences(pos[train] - neg[train], other))
+
+    n_keep = max(1, round(layer_top_p * len(candidates)))
+    ranking = sorted(range(len(candidates)), key=lambda i: (-float(accuracy[i]), -float(val_separation[i])))
+    chosen = sorted(ranking[:n_keep])
+    layers = [candidates[i] for i in chosen]
+    chosen_dirs = directions[chosen]
+    masks = torch.stack([sparse_mask(d, k, selector, seed + layer) for d, layer in zip(chosen_dirs, layers)])
+
+    proj_pos = (pos * directions[None]).sum(-1)  # [pairs, candidates]
+    proj_neg = (neg * directions[None]).sum(-1)
+    gaps = proj_pos.mean(0) - proj_neg.mean(0)
+    alpha = suggest_alpha(chosen_dirs, masks, layers, gaps[chosen])
+
+    def per_layer(values: torch.Tensor, digits: int = 4) -> dict[str, float]:
+        return {str(layer): round(float(v), digits) for layer, v in zip(candidates, values)}
+
+    stats = {
+        "layer_accuracy": per_layer(accuracy),
+        "layer_separation": per_layer(val_separation),
+        "method_accuracy_mean": {
+            method: round(float(accuracy.mean()), 4),
+            other: round(float(other_accuracy.mean()), 4),
+        },
+        "harmful_projection_mean": per_layer(proj_pos.mean(0)),
+        "harmful_projection_std": per_layer(proj_pos.std(0)),
+        "harmless_projection_mean": per_layer(proj_neg.mean(0)),
+        "harmless_projection_std": per_layer(proj_neg.std(0)),
+        "residual_norm_mean": per_layer(states.norm(dim=-1).mean(0)),
+        "n_train_pairs": len(train),
+        "n_val_pairs": len(val),
+    }
+    return Antidote(
+        layers=layers,
+        directions=chosen_dirs.contiguous(),
+        masks=masks,
+        k=float(k),
+        selector=selector,
+        method=method,
+        seed=seed,
+        model=model_identity(model),
+        alpha=alpha,
+        stats=stats,
+        chat={
+            "system": system,
+            "template": "chat_template" if getattr(tokenizer, "chat_template", None) else "plain",
+        },
+        provenance={
+            "calibration": source,
+            "n_pairs": len(harmful),
+            "layer_top_p": layer_top_p,
+            "val_fraction": val_fraction,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "package_version": _package_version(),
+            "fit_seconds": round(time.perf_counter() - started, 2),
+        },
+    )

@@ -1,0 +1,99 @@
+"""Batched chat generation with an optional antidote, one alpha per row (used by the CLI, demo and eval)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .antidote import Antidote
+from .errors import InvalidParameter
+from .models import encode_prompts
+from .steer import check_alpha
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy by default; temperature > 0 samples (seeded for reproducibility)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def kwargs(self) -> dict[str, object]:
+        if self.temperature <= 0:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    antidote: Antidote | None = None,
+    alphas: Sequence[float] | float | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    sampling: Sampling | None = None,
+    show_progress: bool = False,
+) -> list[str]:
+    """Answer each prompt; with an antidote, prompt i is steered at alphas[i] (or one alpha for all;
+    default: the antidote's suggested alpha). Rows of different alpha share batches."""
+    if max_new_tokens < 1:
+        raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
+    sampling = sampling or Sampling()
+    if alphas is None or isinstance(alphas, int | float):
+        default = antidote.suggested_alpha if antidote is not None else 0.0
+        alphas = [default if alphas is None else float(alphas)] * len(prompts)
+    if len(alphas) != len(prompts):
+        raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")
+    alpha_values = [check_alpha(a) for a in alphas]
+    if antidote is not None:
+        antidote.validate(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
+            torch.manual_seed(sampling.seed + start)
+            kwargs = dict(
+                **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()
+            )
+            if antidote is None:
+                output = model.generate(**kwargs)
+            else:
+                row_alpha = torch.tensor([alpha_values[i] for i in index])
+                with antidote.applied(model, row_alpha, validate=False):
+                    output = model.generate(**kwargs)
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                answers[i] = text.strip()
+            progress.advance(task, len(index))
+    return answers
+
+
+def generate_grid(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    alphas: Sequence[float],
+    *,
+    antidote: Antidote | None = None,
+    **kwargs: object,
+) -> list[dict[str, object]]:
+    """Every (prompt, alpha) combination in shared batches; rows ordered by prompt, then alpha."""
+    rows = [(p, a) for p in prompts for a in alphas]
+    answers = generate(model, tokenizer, [p for p, _ in rows], antidote=antidote, alphas=[a for _, a in rows], **kwargs)
+    return [{"prompt": p, "alpha": a, "response": r} for (p, a), r in zip(rows, answers)]

@@ -1,0 +1,139 @@
+"""Load a causal LM and its tokenizer (bundled name, GGUF file, local directory or hub id); chat formatting."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from . import bundled
+from .blocks import decoder_blocks
+from .errors import ModelLoadError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"  # for tokenizers without a chat template (base models)
+
+
+def load_model(
+    spec: str | None = None, *, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `spec`: a bundled name (optionally `bundled:`-prefixed), a .gguf file, a local dir or a hub id.
+
+    Returns the model in eval mode and a tokenizer that pads on the left (needed for batched generation).
+    """
+    spec = spec or bundled.DEFAULT_MODEL
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    path = Path(spec).expanduser()
+    kwargs: dict[str, Any] = {}
+    if spec.startswith("bundled:") or spec in bundled.BUNDLED:
+        source = bundled.converted_dir(bundled.get(spec))
+    elif path.is_file() and path.suffix == ".gguf":
+        source, kwargs["gguf_file"] = path.parent, path.name
+    elif path.is_dir():
+        source = path
+    elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model path {spec!r} is not a model directory or a .gguf file; "
+            f"bundled models are: {', '.join(bundled.BUNDLED)}"
+        )
+    else:
+        source = spec  # a hub id; only works with network access or a filled HF cache
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars are noise in a CLI
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {str(exc).splitlines()[0]} "
+            f"(give a bundled name ({', '.join(bundled.BUNDLED)}), a local directory, a .gguf file, "
+            "or a hub id reachable from this machine)"
+        ) from exc
+    model.to(device).eval()
+    model.config.antidote_source = spec
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding so the last prompt token sits at position -1 of every row; a pad token if missing."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> str:
+    """The prompt as the model sees it: chat template with the generation prompt appended.
+
+    Templates that reject a system role (Gemma) get the system text folded into the user turn.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        text = prompt if system is None else f"{system}\n\n{prompt}"
+        return PLAIN_TEMPLATE.format(prompt=text)
+    user = {"role": "user", "content": prompt}
+    if system is not None:
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, user], tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # jinja raises TemplateError("System role not supported") from the template
+            user = {"role": "user", "content": f"{system}\n\n{prompt}"}
+    return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], system: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Chat-format and tokenize a batch with left padding. The template already holds special tokens."""
+    texts = [render_prompt(tokenizer, p, system) for p in prompts]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def model_identity_light(model: PreTrainedModel) -> dict[str, Any]:
+    """The cheap part of the identity, enough to check an antidote against a model."""
+    return {
+        "name": str(getattr(model.config, "antidote_source", None) or model.config.name_or_path or ""),
+        "architecture": type(model).__name__,
+        "model_type": str(getattr(model.config, "model_type", "")),
+        "hidden_size": hidden_size(model),
+        "num_layers": len(decoder_blocks(model)),
+        "weights_probe": weights_probe(model),
+    }
+
+
+def model_identity(model: PreTrainedModel) -> dict[str, Any]:
+    """What an antidote records about the model it was fitted on, to refuse being applied to another."""
+    return {**model_identity_light(model), "weights_sha256": weights_digest(model)}
+
+
+def _probe_tensors(model: PreTrainedModel) -> list[torch.Tensor]:
+    last_block_matrix = next(p for p in decoder_blocks(model)[-1].parameters() if p.dim() == 2)
+    return [model.get_input_embeddings().weight, last_block_matrix]
+
+
+def weights_probe(model: PreTrainedModel, per_tensor: int = 32) -> list[float]:
+    """A few weights at fixed, evenly spaced positions. Compared with a tolerance, so a bfloat16 load
+    of the same weights still matches while a different model does not."""
+    values: list[float] = []
+    for weight in _probe_tensors(model):
+        flat = weight.detach().reshape(-1)
+        index = (torch.arange(per_tensor) * (flat.numel() - 1) // (per_tensor - 1)).to(flat.device)
+        values += flat[index].float().cpu().tolist()
+    return values
+
+
+def weights_digest(model: PreTrainedModel) -> str:
+    """Exact sha256 of the probed tensors, for provenance (the check itself uses weights_probe)."""
+    digest = hashlib.sha256()
+    for weight in _probe_tensors(model):
+        digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
