@@ -78,6 +78,13 @@ class Antidote:
     chat: dict[str, Any] = field(default_factory=dict)  # chat formatting used when fitting
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def fit(cls, model: nn.Module, tokenizer: Any, harmful: list[str], harmless: list[str], **kwargs: Any) -> Antidote:
+        """Fit from paired prompts; see `jailbreak_antidote.fit.fit_antidote` for the options."""
+        from .fit import fit_antidote
+
+        return fit_antidote(model, tokenizer, harmful, harmless, **kwargs)
+
     # ----- vectors ---------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

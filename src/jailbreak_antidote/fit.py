@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -140,7 +141,7 @@ def fit_antidote(
     if not candidates:
         raise InvalidParameter("the model has a single decoder block; the antidote needs at least two")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+    with Progress(*columns, disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
         states = last_token_states(
             model,
             tokenizer,

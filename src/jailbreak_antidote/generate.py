@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -62,7 +63,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+    with Progress(*columns, disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("generating", total=len(prompts))
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+from conftest import HARMFUL, HARMLESS, build_model, build_tokenizer
+from typer.testing import CliRunner
+
+from jailbreak_antidote.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    build_model("qwen2").save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts")
+    (path / "harmful.txt").write_text("\n".join(HARMFUL))
+    (path / "harmless.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in HARMLESS))
+    return path / "harmful.txt", path / "harmless.jsonl"
+
+
+@pytest.fixture(scope="module")
+def fitted(model_dir, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "tiny.antidote"
+    harmful, harmless = prompt_files
+    args = ["fit", "-m", str(model_dir), "--harmful", str(harmful), "--harmless", str(harmless), "--k", "0.1"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "suggested alpha" in result.output and "accuracy" in result.output
+    return out
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_for_every_command():
+    for command in ("models", "fit", "inspect", "generate", "demo"):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_models_lists_bundled_names():
+    result = run("models")
+    assert result.exit_code == 0
+    assert "qwen2.5-coder-0" in result.output and "smollm2" in result.output
+
+
+def test_inspect_json(fitted):
+    result = run("inspect", str(fitted), "--json")
+    assert result.exit_code == 0
+    summary = json.loads(result.output)
+    assert summary["k"] == 0.1 and summary["alpha"]["suggested"] > 0 and len(summary["alpha"]["range"]) == 2
+    assert summary["nonzeros_per_layer"] == [6] * len(summary["layers"])
+    assert run("inspect", str(fitted)).exit_code == 0
+
+
+def test_generate_side_by_side_and_jsonl(model_dir, fitted, prompt_files, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = ["--antidote", str(fitted), "--alpha", "0", "--alpha", "2", "--max-new-tokens", "4"]
+    result = run("generate", "-m", str(model_dir), "--prompts", str(prompt_files[0]), *args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(HARMFUL)
+    assert {row["alpha"] for row in rows} == {0.0, 2.0}
+    assert set(rows[0]) == {"prompt", "alpha", "response"}
+    single = run("generate", "-m", str(model_dir), "Hello there", "--max-new-tokens", "3")
+    assert single.exit_code == 0, single.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--out", "x.antidote", "--k", "2"], "k must be in"),
+        (["fit", "--out", "x.antidote", "--layer-top-p", "0"], "layer-top-p"),
+        (["fit", "--out", "x.antidote", "--harmful", "h.txt"], "both --harmful and --harmless"),
+        (["fit", "--out", "x.antidote", "--harmful", "nope.txt", "--harmless", "nope.txt"], "does not exist"),
+        (["fit", "--out", "x.antidote", "-m", "bundled:gpt-17"], "unknown bundled model"),
+        (["inspect", "missing.antidote"], "does not exist"),
+        (["generate"], "exactly one of PROMPT or --prompts"),
+        (["generate", "hi", "--alpha", "1"], "--alpha needs --antidote"),
+        (["generate", "hi", "--alpha", "nan"], "finite"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unequal_prompt_files(model_dir, prompt_files, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(HARMLESS[:5]))
+    out = tmp_path / "x.antidote"
+    result = run(
+        "fit", "-m", str(model_dir), "--harmful", str(prompt_files[0]), "--harmless", str(short), "--out", str(out)
+    )
+    assert result.exit_code == 2 and "unequal" in result.output
+    assert not out.exists()
+
+
+def test_artifact_for_another_model_and_truncated_file(fitted, tmp_path):
+    other = tmp_path / "other"
+    build_model("llama").save_pretrained(other)
+    build_tokenizer().save_pretrained(other)
+    result = run("generate", "-m", str(other), "hi", "--antidote", str(fitted), "--max-new-tokens", "2")
+    assert result.exit_code == 2 and "fit an antidote for this model" in result.output
+    truncated = tmp_path / "cut.antidote"
+    truncated.write_bytes(fitted.read_bytes()[:200])
+    result = run("inspect", str(truncated))
+    assert result.exit_code == 2 and "corrupted or truncated" in result.output
