@@ -159,17 +159,17 @@ def converted_dir(model: BundledModel) -> Path:
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
         return target
     parts = part_paths(model)  # fail fast with the install hint before any slow work
-    with _console.status(f"Preparing bundled model {model.name} (one-time: assemble, verify, convert)..."):
-        gguf = assemble_gguf(model, parts)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-        try:
-            _convert_gguf(gguf, tmp)
-            (tmp / "converted-from.json").write_text(json.dumps({"sha256": model.sha256, "gguf": str(gguf)}))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.replace(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _console.print(f"preparing bundled model {model.name} once: assemble, verify sha256, dequantise GGUF ...")
+    gguf = assemble_gguf(model, parts)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        _convert_gguf(gguf, tmp)  # transformers shows its own progress bar while dequantising
+        (tmp / "converted-from.json").write_text(json.dumps({"sha256": model.sha256, "gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _console.print(f"[dim]cached converted model in {target}[/dim]")
     return target
 

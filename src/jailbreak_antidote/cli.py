@@ -69,8 +69,8 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
 def _load(model: str | None):
     from .models import load_model
 
-    with err.status(f"loading model {model or bundled.DEFAULT_MODEL} ..."):
-        return load_model(model)
+    err.print(f"loading model {model or bundled.DEFAULT_MODEL} ...", highlight=False)
+    return load_model(model)
 
 
 @app.command()
