@@ -318,3 +318,7 @@ def demo(
         "[dim]Verdicts come from a refusal keyword judge. Benign prompts should stay answered; "
         "raise --alpha for more safety, lower it for less over-refusal.[/]"
     )
+
+
+# Evaluation commands live in their own module; importing it registers them on `app`.
+from . import cli_eval  # noqa: E402, F401

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .antidote import Antidote
 from .errors import InvalidParameter
-from .models import encode_prompts
+from .models import Chat, encode_prompts
 from .steer import check_alpha
 
 
@@ -34,7 +34,7 @@ class Sampling:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Chat],
     *,
     antidote: Antidote | None = None,
     alphas: Sequence[float] | float | None = None,
@@ -44,8 +44,10 @@ def generate(
     sampling: Sampling | None = None,
     show_progress: bool = False,
 ) -> list[str]:
-    """Answer each prompt; with an antidote, prompt i is steered at alphas[i] (or one alpha for all;
-    default: the antidote's suggested alpha). Rows of different alpha share batches."""
+    """Answer each prompt (a user message or a list of chat messages).
+
+    With an antidote, prompt i is steered at alphas[i] (or one alpha for all; default: the antidote's
+    suggested alpha). Rows of different alpha share batches."""
     if max_new_tokens < 1:
         raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -60,7 +62,7 @@ def generate(
     if antidote is not None:
         antidote.validate(model)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # less padding per batch
     answers = [""] * len(prompts)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:

@@ -15,7 +15,6 @@ from .blocks import decoder_blocks
 from .errors import ModelLoadError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"  # for tokenizers without a chat template (base models)
 
 
 def load_model(
@@ -67,27 +66,43 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> str:
+Message = dict[str, str]
+Chat = str | list[Message]  # a single user prompt, or a whole conversation
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Chat, system: str | None = None) -> str:
     """The prompt as the model sees it: chat template with the generation prompt appended.
 
-    Templates that reject a system role (Gemma) get the system text folded into the user turn.
+    `prompt` is one user message or a list of messages (role/content). Templates that reject a system
+    role (Gemma) get the system text folded into the first user turn.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        text = prompt if system is None else f"{system}\n\n{prompt}"
-        return PLAIN_TEMPLATE.format(prompt=text)
-    user = {"role": "user", "content": prompt}
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None:
-        try:
-            return tokenizer.apply_chat_template(
-                [{"role": "system", "content": system}, user], tokenize=False, add_generation_prompt=True
-            )
-        except Exception:  # jinja raises TemplateError("System role not supported") from the template
-            user = {"role": "user", "content": f"{system}\n\n{prompt}"}
-    return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "system", "content": system}, *messages]
+    if not getattr(tokenizer, "chat_template", None):
+        return _plain_format(messages)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja raises TemplateError("System role not supported") from the template
+        if messages[0]["role"] != "system":
+            raise
+        return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, add_generation_prompt=True)
+
+
+def _fold_system(messages: list[Message]) -> list[Message]:
+    system, first, *rest = messages
+    return [{"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
+def _plain_format(messages: list[Message]) -> str:
+    if messages[0]["role"] == "system" and len(messages) > 1:
+        messages = _fold_system(messages)
+    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    return "\n".join(turns) + "\nAssistant:"
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], system: str | None = None
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Chat], system: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Chat-format and tokenize a batch with left padding. The template already holds special tokens."""
     texts = [render_prompt(tokenizer, p, system) for p in prompts]

@@ -1,0 +1,296 @@
+"""Summaries of an evaluation directory: summary.csv, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidParameter
+from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE
+
+SettingKey = tuple[str, float, float | None, str | None]
+JUDGE = "keyword_refusal"
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def setting_key(row: dict[str, Any]) -> SettingKey:
+    return (row["defense"], float(row["alpha"]), row.get("k"), row.get("selector"))
+
+
+def setting_label(key: SettingKey) -> str:
+    defense, alpha, k, selector = key
+    if k is None:
+        return defense
+    return f"{defense} a={alpha:g} k={k:g}" + ("" if selector in (None, "top") else f" {selector}")
+
+
+def summarize(out_dir: Path) -> list[dict[str, Any]]:
+    """Long-format summary rows: one per (setting, metric, scope)."""
+    rows = _read_jsonl(out_dir / ROWS_FILE)
+    utility = _read_jsonl(out_dir / UTILITY_FILE)
+    metrics = _read_jsonl(out_dir / METRICS_FILE)
+    if not rows and not utility:
+        raise InvalidParameter(f"{out_dir} holds no evaluation rows; run `antidote eval --out {out_dir}` first")
+    summary: list[dict[str, Any]] = []
+
+    def add(key: SettingKey, metric: str, scope: str, hits: int, n: int) -> None:
+        low, high = wilson(hits, n)
+        defense, alpha, k, selector = key
+        summary.append(
+            dict(defense=defense, alpha=alpha, k=k, selector=selector, metric=metric, scope=scope, n=n,
+                 value=round(hits / n, 4) if n else None, ci_low=round(low, 4), ci_high=round(high, 4))
+        )  # fmt: skip
+
+    by_setting: dict[SettingKey, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_setting[setting_key(row)].append(row)
+    for key, group in by_setting.items():
+        per_attack: dict[str, list[bool]] = defaultdict(list)
+        for row in group:
+            per_attack[row["attack"]].append(row["judges"][JUDGE])
+        for attack, refused in sorted(per_attack.items()):
+            add(key, "dsr", attack, sum(refused), len(refused))
+        everything = [r["judges"][JUDGE] for r in group]
+        add(key, "dsr", "overall", sum(everything), len(everything))
+        jailbreaks = [r["judges"][JUDGE] for r in group if r["attack"] != "direct"]
+        if jailbreaks and len(jailbreaks) != len(everything):
+            add(key, "dsr", "jailbreaks", sum(jailbreaks), len(jailbreaks))
+        for cost in ("extra_generations", "extra_scoring_passes", "extra_prompt_tokens"):
+            mean = sum(r["cost"][cost] for r in group) / len(group)
+            summary.append(dict(defense=key[0], alpha=key[1], k=key[2], selector=key[3], metric=cost,
+                                scope="mean per prompt", n=len(group), value=round(mean, 3), ci_low=None,
+                                ci_high=None))  # fmt: skip
+
+    by_set: dict[tuple[SettingKey, str], list[bool]] = defaultdict(list)
+    for row in utility:
+        by_set[(setting_key(row), row["set"])].append(row["judges"][JUDGE])
+    for (key, name), refused in sorted(by_set.items(), key=lambda item: (setting_label(item[0][0]), item[0][1])):
+        if name.endswith("unsafe"):
+            add(key, "refusal_rate", name, sum(refused), len(refused))
+        else:
+            add(key, "benign_compliance", name, sum(not r for r in refused), len(refused))
+    for row in metrics:
+        for metric in ("next_token_kl", "answer_nll", "baseline_answer_nll"):
+            summary.append(dict(defense=row["defense"], alpha=row["alpha"], k=row["k"], selector=row["selector"],
+                                metric=metric, scope="benign sample", n=row["n_prompts"],
+                                value=round(row[metric], 5), ci_low=None, ci_high=None))  # fmt: skip
+    return summary
+
+
+def write_summary_csv(summary: list[dict[str, Any]], path: Path) -> None:
+    fields = ["defense", "alpha", "k", "selector", "metric", "scope", "n", "value", "ci_low", "ci_high"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(summary)
+
+
+def _lookup(summary: Iterable[dict[str, Any]], metric: str, scope: str | None = None) -> dict[SettingKey, dict]:
+    found = {}
+    for row in summary:
+        if row["metric"] == metric and (scope is None or row["scope"] == scope):
+            found[(row["defense"], float(row["alpha"]), row["k"], row["selector"])] = row
+    return found
+
+
+def _benign_scope(summary: list[dict[str, Any]]) -> str | None:
+    scopes = sorted({r["scope"] for r in summary if r["metric"] == "benign_compliance"})
+    return scopes[0] if scopes else None
+
+
+def _fmt(row: dict[str, Any] | None) -> str:
+    if row is None or row["value"] is None:
+        return "-"
+    return f"{100 * row['value']:.1f} [{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}]"
+
+
+def write_report(out_dir: Path, summary: list[dict[str, Any]], judge_agreement: dict | None = None) -> Path:
+    config = json.loads((out_dir / CONFIG_FILE).read_text()) if (out_dir / CONFIG_FILE).is_file() else {}
+    overall = _lookup(summary, "dsr", "overall")
+    jailbreaks = _lookup(summary, "dsr", "jailbreaks")
+    benign_sets = sorted({r["scope"] for r in summary if r["metric"] in ("benign_compliance", "refusal_rate")})
+    settings = sorted(
+        {k for k in list(overall) + [k for s in benign_sets for k in _lookup(summary, "benign_compliance", s)]},
+        key=lambda k: (k[0] != "none", k[0], k[1], k[2] or 0, k[3] or ""),
+    )
+    lines = [
+        f"# Evaluation report: {out_dir.name}",
+        "",
+        f"Model `{config.get('model')}`, {config.get('max_new_tokens')} new tokens, temperature "
+        f"{config.get('temperature')}. Judge: refusal keywords (DSR = share of attack prompts refused; "
+        "benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
+        "",
+        "| setting | DSR all | DSR jailbreaks only | "
+        + " | ".join(f"{'compliance' if not s.endswith('unsafe') else 'refusal'}: {s}" for s in benign_sets)
+        + " | extra generations | extra prompt tokens |",
+        "|---" * (5 + len(benign_sets)) + "|",
+    ]
+    costs_gen = _lookup(summary, "extra_generations")
+    costs_tok = _lookup(summary, "extra_prompt_tokens")
+    for key in settings:
+        cells = [_fmt(overall.get(key)), _fmt(jailbreaks.get(key))]
+        for name in benign_sets:
+            metric = "refusal_rate" if name.endswith("unsafe") else "benign_compliance"
+            cells.append(_fmt(_lookup(summary, metric, name).get(key)))
+        cells += [str(costs_gen.get(key, {}).get("value", "-")), str(costs_tok.get(key, {}).get("value", "-"))]
+        lines.append(f"| {setting_label(key)} | " + " | ".join(cells) + " |")
+    attacks = sorted({r["scope"] for r in summary if r["metric"] == "dsr"} - {"overall", "jailbreaks"})
+    if attacks:
+        lines += ["", "## DSR per attack (%)", "", "| setting | " + " | ".join(attacks) + " |",
+                  "|---" * (1 + len(attacks)) + "|"]  # fmt: skip
+        per = {a: _lookup(summary, "dsr", a) for a in attacks}
+        for key in settings:
+            if key in overall:
+                values = [per[a].get(key) for a in attacks]
+                cells = [f"{100 * v['value']:.0f}" if v else "-" for v in values]
+                lines.append(f"| {setting_label(key)} | " + " | ".join(cells) + " |")
+    kl = _lookup(summary, "next_token_kl")
+    if kl:
+        nll, base = _lookup(summary, "answer_nll"), _lookup(summary, "baseline_answer_nll")
+        lines += ["", "## Benign-prompt distortion (steered settings)", "",
+                  "| setting | next-token KL vs alpha 0 | NLL of undefended answers (alpha 0 value) |",
+                  "|---|---|---|"]  # fmt: skip
+        for key in sorted(kl, key=lambda k: (k[0], k[1], k[2] or 0, k[3] or "")):
+            nll_cell = f"{nll[key]['value']:.3f} ({base[key]['value']:.3f})"
+            lines.append(f"| {setting_label(key)} | {kl[key]['value']:.4f} | {nll_cell} |")
+    if judge_agreement:
+        lines += ["", "## How far to trust the judges (agreement with XSTest human labels)", "",
+                  "| judge | completions | n | accuracy | refusal recall | compliance recall |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in judge_agreement.get("rows", []):
+            lines.append(
+                f"| {row['judge']} | {row['file']} | {row['n']} | {row['accuracy']:.3f} | "
+                f"{row['refusal_recall']:.3f} | {row['compliance_recall']:.3f} |"
+            )
+    plots = sorted(p.name for p in out_dir.glob("*.png"))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = _lookup(summary, "dsr", "overall")
+    scope = _benign_scope(summary)
+    compliance = _lookup(summary, "benign_compliance", scope) if scope else {}
+    steered = sorted({k[0] for k in overall if k[2] is not None})
+    baselines = {k: v for k, v in overall.items() if k[2] is None}
+    written: list[Path] = []
+
+    def curve(source: dict, defense: str, k: float | None = None, selector: str = "top"):
+        keys = sorted(key for key in source if key[0] == defense and key[3] == selector and (k is None or key[2] == k))
+        if k is None and keys:  # the most common k for this defense
+            common = max({key[2] for key in keys}, key=lambda value: sum(key[2] == value for key in keys))
+            keys = [key for key in keys if key[2] == common]
+        return keys
+
+    for source, ylabel, filename in (
+        (overall, "defense success rate (all attack prompts)", "dsr_vs_alpha.png"),
+        (compliance, f"benign compliance ({scope})", "compliance_vs_alpha.png"),
+    ):
+        if not any(k[2] is not None for k in source):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for defense in steered:
+            keys = curve(source, defense)
+            ax.plot(
+                [k[1] for k in keys],
+                [source[k]["value"] for k in keys],
+                marker="o",
+                label=setting_label(keys[0]).split(" a=")[0],
+            )
+        for key, row in source.items():
+            if key[2] is None:
+                ax.axhline(row["value"], linestyle=":", linewidth=1, color="grey")
+                ax.annotate(key[0], (0, row["value"]), fontsize=7, color="grey")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / filename)
+
+    if compliance and overall:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for defense in steered:
+            keys = [k for k in curve(overall, defense) if k in compliance]
+            if keys:
+                ax.plot([compliance[k]["value"] for k in keys], [overall[k]["value"] for k in keys], marker="o",
+                        label=f"{defense} (alpha sweep)")  # fmt: skip
+        for key in baselines:
+            if key in compliance:
+                ax.scatter(compliance[key]["value"], overall[key]["value"], marker="s")
+                ax.annotate(key[0], (compliance[key]["value"], overall[key]["value"]), fontsize=7)
+        ax.set_xlabel(f"benign compliance ({scope})")
+        ax.set_ylabel("defense success rate")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        ax.set_title("Safety vs helpfulness (up and right is better)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "pareto.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / "pareto.png")
+
+    ablation = [k for k in overall if k[0] == "antidote"]
+    ks = sorted({k[2] for k in ablation})
+    if len(ks) > 1:
+        alphas = sorted({k[1] for k in ablation}, key=lambda a: -sum(k[1] == a for k in ablation))
+        alpha = alphas[0]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for selector in ("top", "random"):
+            keys = sorted(k for k in ablation if k[1] == alpha and k[3] == selector)
+            if keys:
+                ax.plot(
+                    [k[2] for k in keys],
+                    [overall[k]["value"] for k in keys],
+                    marker="o",
+                    label=f"{selector} |d|" if selector == "top" else "random coordinates",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("k (fraction of coordinates steered)")
+        ax.set_ylabel("defense success rate")
+        ax.set_title(f"Sparsity ablation at alpha {alpha:g}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "k_ablation.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / "k_ablation.png")
+    return written
+
+
+def build_report(out_dir: Path) -> Path:
+    summary = summarize(out_dir)
+    write_summary_csv(summary, out_dir / "summary.csv")
+    write_plots(out_dir, summary)
+    agreement_path = out_dir / "judge_agreement.json"
+    agreement = json.loads(agreement_path.read_text()) if agreement_path.is_file() else None
+    return write_report(out_dir, summary, agreement)

@@ -1,0 +1,246 @@
+"""Run goals x attacks x defense settings (and benign utility sets) and store one JSON line per row.
+
+Rows are appended as they finish, so an interrupted run loses at most one chunk; rerunning the same
+command skips the rows already present. An output directory belongs to one configuration (model,
+antidote, generation settings): mixing rows from another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..errors import InvalidParameter
+from .attacks import AttackPrompt
+from .defenses import STEERED, DefenseRunner, Setting
+from .judges import is_refusal
+
+CONFIG_FILE = "config.json"
+ROWS_FILE = "rows.jsonl"
+UTILITY_FILE = "utility.jsonl"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What must match for rows to be comparable (and to be resumed)."""
+
+    model: str
+    model_sha256: str
+    antidote_sha256: str | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+    def describe_difference(self, other: dict[str, Any]) -> str:
+        mine = asdict(self)
+        return ", ".join(f"{k}: {other.get(k)!r} there vs {v!r} now" for k, v in mine.items() if other.get(k) != v)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RowStore:
+    """Append-only JSONL rows keyed by a tuple of fields; tolerant of a torn last line after a crash."""
+
+    def __init__(self, path: Path, key_fields: Sequence[str]):
+        self.path = path
+        self.key_fields = tuple(key_fields)
+        self.rows: list[dict[str, Any]] = []
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines, start=1):
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if number != len(lines):
+                        raise InvalidParameter(
+                            f"{path} line {number} is corrupt; delete that line or the file"
+                        ) from None
+            if lines and len(self.rows) < len(lines):  # drop the torn tail so appends stay valid JSONL
+                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
+        self.keys = {self.key(row) for row in self.rows}
+
+    def key(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row.get(name) for name in self.key_fields)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.rows += rows
+        self.keys |= {self.key(r) for r in rows}
+
+
+SETTING_FIELDS = ("defense", "alpha", "k", "selector")
+
+
+def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, RowStore]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / CONFIG_FILE
+    if config_path.is_file():
+        existing = json.loads(config_path.read_text())
+        if existing != asdict(config):
+            raise InvalidParameter(
+                f"{out_dir} holds rows from a different configuration ({config.describe_difference(existing)}); "
+                "use another --out directory, or delete this one to start over"
+            )
+    else:
+        config_path.write_text(json.dumps(asdict(config), indent=2))
+    return (
+        RowStore(out_dir / ROWS_FILE, ("goal", "attack", *SETTING_FIELDS)),
+        RowStore(out_dir / UTILITY_FILE, ("set", "prompt", *SETTING_FIELDS)),
+        RowStore(out_dir / METRICS_FILE, SETTING_FIELDS),
+    )
+
+
+@dataclass
+class Job:
+    """Prompts to answer under one setting, with the fields each row carries besides the answer."""
+
+    setting: Setting
+    prompts: list[str]
+    fields: list[dict[str, Any]]
+    store: RowStore
+
+
+@dataclass
+class Evaluation:
+    runner: DefenseRunner
+    settings: list[Setting]
+    attack_prompts: list[AttackPrompt]
+    benign_sets: dict[str, list[str]] = field(default_factory=dict)
+    chunk: int = 64
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    def setting_fields(self, setting: Setting) -> dict[str, Any]:
+        steered = setting.defense in STEERED
+        k = (1.0 if setting.defense == "dense-antidote" else setting.k) if steered else None
+        return {
+            "defense": setting.defense,
+            "alpha": setting.alpha if steered else 0.0,
+            "k": k,
+            "selector": setting.selector if steered else None,
+        }
+
+    def jobs(self, rows: RowStore, utility: RowStore) -> list[Job]:
+        jobs = []
+        for setting in self.settings:
+            common = self.setting_fields(setting)
+            attack_fields = [
+                {"goal": a.goal, "category": a.category, "attack": a.attack, "prompt": a.prompt, **common}
+                for a in self.attack_prompts
+            ]
+            benign_fields = [
+                {"set": name, "prompt": p, **common} for name, prompts in self.benign_sets.items() for p in prompts
+            ]
+            for store, fields in ((rows, attack_fields), (utility, benign_fields)):
+                pending = [f for f in fields if store.key(f) not in store.keys]
+                if pending:
+                    jobs.append(Job(setting, [f["prompt"] for f in pending], pending, store))
+        return jobs
+
+    def run(self, out_dir: Path, config: RunConfig) -> None:
+        rows, utility, metrics = open_output(out_dir, config)
+        jobs = self.jobs(rows, utility)
+        total = sum(len(job.prompts) for job in jobs)
+        done_before = len(rows.rows) + len(utility.rows)
+        if done_before:
+            self.console.print(f"resuming: {done_before} rows already in {out_dir}, {total} to go")
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, console=self.console) as progress:
+            task = progress.add_task("evaluating", total=total, rate="")
+            for job in jobs:
+                progress.update(task, description=job.setting.label())
+                for start in range(0, len(job.prompts), self.chunk):
+                    prompts = job.prompts[start : start + self.chunk]
+                    outcomes = self.runner.run(job.setting, prompts)
+                    job.store.append(
+                        self.row(fields, outcome, config)
+                        for fields, outcome in zip(job.fields[start : start + self.chunk], outcomes)
+                    )
+                    progress.advance(task, len(prompts))
+                    elapsed = progress.tasks[0].elapsed or 0
+                    if elapsed:
+                        progress.update(task, rate=f"{progress.tasks[0].completed / elapsed:.2f} rows/s")
+        self.utility_metrics(utility, metrics)
+
+    @staticmethod
+    def row(fields: dict[str, Any], outcome, config: RunConfig) -> dict[str, Any]:
+        return {
+            **fields,
+            "response": outcome.response,
+            "judges": {"keyword_refusal": is_refusal(outcome.response)},
+            "blocked": outcome.blocked,
+            "cost": {
+                "extra_generations": outcome.extra_generations,
+                "extra_scoring_passes": outcome.extra_scoring_passes,
+                "extra_prompt_tokens": outcome.extra_prompt_tokens,
+            },
+            "details": outcome.details,
+            "config": asdict(config),
+        }
+
+    def utility_metrics(self, utility: RowStore, metrics: RowStore, sample: int = 32) -> None:
+        """Next-token KL and answer NLL for steered settings, on a sample of the benign prompts."""
+        from .utility import answer_nll, next_token_kl
+
+        runner = self.runner
+        if runner.antidote is None or not self.benign_sets:
+            return
+        prompts = [p for group in self.benign_sets.values() for p in group][:sample]
+        baseline = {r["prompt"]: r["response"] for r in utility.rows if r["defense"] == "none"}
+        if not all(p in baseline for p in prompts):
+            answers = runner.run(Setting("none"), prompts)
+            baseline.update({p: o.response for p, o in zip(prompts, answers)})
+        for setting in self.settings:
+            fields = self.setting_fields(setting)
+            if setting.defense not in STEERED or metrics.key(fields) in metrics.keys:
+                continue
+            antidote = runner._steering(setting)
+            metrics.append(
+                [
+                    {
+                        **fields,
+                        "n_prompts": len(prompts),
+                        "next_token_kl": next_token_kl(
+                            runner.model, runner.tokenizer, prompts, antidote, setting.alpha, runner.batch_size
+                        ),
+                        "answer_nll": answer_nll(
+                            runner.model,
+                            runner.tokenizer,
+                            prompts,
+                            [baseline[p] for p in prompts],
+                            antidote,
+                            setting.alpha,
+                        ),
+                        "baseline_answer_nll": answer_nll(
+                            runner.model, runner.tokenizer, prompts, [baseline[p] for p in prompts], None, 0.0
+                        ),
+                    }
+                ]
+            )

@@ -1,0 +1,78 @@
+"""Utility metrics: how much a defense costs benign users.
+
+- benign compliance: share of benign prompts answered (keyword judge) under a defense;
+- next-token KL at the last prompt token versus alpha 0 (steered defenses), on benign prompts;
+- mean per-token negative log-likelihood of the undefended model's own benign answers under the
+  defended model (how much the defense changes what the model would have said).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..antidote import Antidote
+from ..models import encode_prompts, render_prompt
+
+
+def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float):
+    from contextlib import nullcontext
+
+    if antidote is None or alpha == 0:
+        return nullcontext()
+    return antidote.applied(model, alpha, validate=False)
+
+
+@torch.no_grad()
+def next_token_kl(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    antidote: Antidote,
+    alpha: float,
+    batch_size: int = 16,
+) -> float:
+    """Mean KL(p_0 || p_alpha) of the next-token distribution at the last prompt token."""
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, list(prompts[start : start + batch_size]))
+        base = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+        with _maybe_steered(antidote, model, alpha):
+            steered = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+        total += float((base.exp() * (base - steered)).sum(-1).sum())
+        count += base.shape[0]
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def answer_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    antidote: Antidote | None,
+    alpha: float,
+    batch_size: int = 8,
+) -> float:
+    """Mean per-token NLL of `answers` (the undefended model's own) given their prompts, under steering."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        texts, answer_lengths = [], []
+        for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if not ids:
+                continue
+            texts.append(render_prompt(tokenizer, prompt) + answer)
+            answer_lengths.append(len(ids))
+        if not texts:
+            continue
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with _maybe_steered(antidote, model, alpha):
+            logprobs = torch.log_softmax(model(**encoded).logits.float(), dim=-1)
+        for row, n in enumerate(answer_lengths):
+            targets = encoded["input_ids"][row, -n:]
+            total -= float(logprobs[row, -n - 1 : -1].gather(-1, targets[:, None]).sum())
+            tokens += n
+    return total / max(1, tokens)
