@@ -24,7 +24,8 @@ AntidoteOption = Annotated[Path | None, typer.Option("--antidote", "-a", help="A
 AttacksOption = Annotated[
     str, typer.Option(help="Comma-separated built-in attack names, 'all', or an attack file (.csv/.jsonl)")
 ]
-LimitOption = Annotated[int | None, typer.Option(help="Only the first N goals")]
+LimitOption = Annotated[int | None, typer.Option(help="Only the first N goals (after --stride)")]
+StrideOption = Annotated[int, typer.Option(help="Every S-th goal (a slice spread over all categories)")]
 TokensOption = Annotated[int, typer.Option(help="New tokens per answer")]
 BatchOption = Annotated[int, typer.Option(help="Rows per generation batch")]
 BenignOption = Annotated[
@@ -38,18 +39,18 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _attack_prompts(attacks: str, goals_path: Path, limit: int | None):
+def _attack_prompts(attacks: str, goals_path: Path, limit: int | None, stride: int = 1):
     from .eval.attacks import AttackPrompt, get_attacks, read_attack_file
     from .eval.goals import read_goals
 
     path = Path(attacks)
     if path.suffix.lower() in (".csv", ".jsonl") or path.is_file():
         prompts = read_attack_file(path)
-        goals = list(dict.fromkeys(p.goal for p in prompts))[:limit]
+        goals = list(dict.fromkeys(p.goal for p in prompts))[::stride][:limit]
         keep = set(goals)
         return [p for p in prompts if p.goal in keep]
     chosen = get_attacks(_split(attacks))
-    goals = read_goals(goals_path)[:limit]
+    goals = read_goals(goals_path)[::stride][:limit]
     return [AttackPrompt(g.text, a.name, a(g.text), g.category) for g in goals for a in chosen]
 
 
@@ -69,7 +70,7 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 
 def _run(
     *, model, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens, batch_size,
-    limit, benign, xstest, benign_limit, temperature, seed, factors=None,
+    limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1,
 ) -> None:  # fmt: skip
     from .antidote import Antidote
     from .eval.defenses import STEERED, DefenseRunner, build_settings
@@ -80,7 +81,9 @@ def _run(
     from .prompts import builtin_calibration
     from .steer import check_alpha
 
-    attack_prompts = _attack_prompts(attacks, goals, limit)
+    if stride < 1:
+        raise InvalidParameter(f"--stride must be at least 1, got {stride}")
+    attack_prompts = _attack_prompts(attacks, goals, limit, stride)
     benign_sets = _benign_sets(benign, xstest, benign_limit)
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is None and any(d in STEERED for d in defenses):
@@ -157,6 +160,7 @@ def eval_command(
     max_new_tokens: TokensOption = 64,
     batch_size: BatchOption = 16,
     limit: LimitOption = None,
+    stride: StrideOption = 1,
     benign: BenignOption = None,
     xstest: XSTestOption = None,
     benign_limit: BenignLimitOption = None,
@@ -168,7 +172,7 @@ def eval_command(
         model=model, antidote_path=antidote_path, goals=goals, attacks=attacks, defenses=_split(defenses),
         alphas=alpha, ks=k, selectors=selector or ["top"], out_dir=out_dir, max_new_tokens=max_new_tokens,
         batch_size=batch_size, limit=limit, benign=benign, xstest=xstest, benign_limit=benign_limit,
-        temperature=temperature, seed=seed,
+        temperature=temperature, seed=seed, stride=stride,
     )  # fmt: skip
 
 
@@ -190,6 +194,7 @@ def sweep(
     max_new_tokens: TokensOption = 64,
     batch_size: BatchOption = 16,
     limit: LimitOption = None,
+    stride: StrideOption = 1,
     benign: BenignOption = None,
     xstest: XSTestOption = None,
     benign_limit: BenignLimitOption = None,
@@ -200,6 +205,7 @@ def sweep(
         alphas=alpha, ks=k or SWEEP_KS, selectors=selector or ["top", "random"], out_dir=out_dir,
         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, benign=benign, xstest=xstest,
         benign_limit=benign_limit, temperature=0.0, seed=0, factors=None if alpha else (factor or SWEEP_FACTORS),
+        stride=stride,
     )  # fmt: skip
 
 
