@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from collections.abc import Sequence
@@ -107,11 +108,11 @@ def refusal_scores(
         chunk = texts[start : start + batch_size]
         rows = [text + opening for text in chunk for opening in openings]
         encoded = tokenizer(rows, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        if antidote is not None and alpha != 0:
-            with antidote.applied(model, alpha, validate=False):
-                logits = model(**encoded).logits
-        else:
-            logits = model(**encoded).logits
+        # Only the last positions are scored: skip the LM head (151k-wide for Qwen) everywhere else.
+        keep = max(len(ids) for ids in opening_ids) + 1
+        steering = antidote.applied(model, alpha, validate=False) if antidote is not None and alpha != 0 else None
+        with steering or contextlib.nullcontext():
+            logits = model(**encoded, logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         totals = []
         for row in range(len(rows)):

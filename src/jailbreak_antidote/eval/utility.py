@@ -38,9 +38,9 @@ def next_token_kl(
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, list(prompts[start : start + batch_size]))
-        base = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+        base = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
         with _maybe_steered(antidote, model, alpha):
-            steered = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+            steered = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
         total += float((base.exp() * (base - steered)).sum(-1).sum())
         count += base.shape[0]
     return total / max(1, count)
@@ -70,7 +70,8 @@ def answer_nll(
             continue
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with _maybe_steered(antidote, model, alpha):
-            logprobs = torch.log_softmax(model(**encoded).logits.float(), dim=-1)
+            logits = model(**encoded, logits_to_keep=max(answer_lengths) + 1).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, n in enumerate(answer_lengths):
             targets = encoded["input_ids"][row, -n:]
             total -= float(logprobs[row, -n - 1 : -1].gather(-1, targets[:, None]).sum())
