@@ -94,3 +94,22 @@ def test_evaluation_writes_rows_resumes_and_refuses_other_configs(runner, tmp_pa
     assert any(r["metric"] == "next_token_kl" for r in summary)
     kl_at_zero = [r for r in summary if r["metric"] == "next_token_kl" and r["alpha"] == 0.0]
     assert kl_at_zero and all(abs(r["value"]) < 1e-6 for r in kl_at_zero)
+
+
+def test_refusal_scores_match_plain_teacher_forcing(qwen2, tokenizer):
+    import torch
+
+    from jailbreak_antidote.eval.judges import COMPLIANCE_CONTINUATION, REFUSAL_CONTINUATION
+    from jailbreak_antidote.models import render_prompt
+
+    prompts = [*GOALS, "hi"]  # unequal lengths: the batch is left-padded and the cache is shared
+    fast = refusal_scores(qwen2, tokenizer, prompts)
+    for prompt, score in zip(prompts, fast):
+        means = []
+        for opening in (REFUSAL_CONTINUATION, COMPLIANCE_CONTINUATION):
+            ids = tokenizer(render_prompt(tokenizer, prompt) + opening, add_special_tokens=False, return_tensors="pt")
+            n = len(tokenizer(opening, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(qwen2(**ids).logits[0].float(), dim=-1)
+            means.append(float(logprobs[-n - 1 : -1].gather(-1, ids["input_ids"][0, -n:, None]).mean()))
+        assert abs(score - float(torch.sigmoid(torch.tensor(means[0] - means[1])))) < 1e-4
