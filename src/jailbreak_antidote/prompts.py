@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -104,17 +105,19 @@ def _read_json(text: str, path: Path, field: str | None) -> list[str]:
     return [_from_item(item, field, f"{path} item {i}") for i, item in enumerate(data)]
 
 
-def _read_jsonl(text: str, path: Path, field: str | None) -> list[str]:
-    prompts = []
+def iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; a malformed line is a PromptFileError."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-        prompts.append(_from_item(item, field, f"{path} line {number}"))
-    return prompts
+
+
+def _read_jsonl(text: str, path: Path, field: str | None) -> list[str]:
+    return [_from_item(item, field, f"{path} line {number}") for number, item in iter_jsonl(text, path)]
 
 
 def _read_csv(text: str, path: Path, field: str | None) -> list[str]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidParameter, PromptFileError
+from ..prompts import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,9 @@ def read_attack_file(path: str | Path) -> list[AttackPrompt]:
     text = path.read_text(encoding="utf-8-sig")
     rows: list[AttackPrompt] = []
     if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptFileError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+        for number, item in iter_jsonl(text, path):
+            if not isinstance(item, dict):
+                raise PromptFileError(f"{path} line {number}: expected an object with goal, attack and prompt")
             missing = [key for key in ("goal", "attack", "prompt") if not str(item.get(key) or "").strip()]
             if missing:
                 raise PromptFileError(f"{path} line {number}: missing {', '.join(missing)}")
