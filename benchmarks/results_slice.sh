@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluation slice published in docs/RESULTS.md: every 20th JailbreakBench goal x all built-in attacks
 # x every defense, XSTest benign/unsafe samples, judge agreement, and a small alpha x k x selector sweep.
-# About an hour on 2 CPU cores. Run from the repository root with ../shared/data beside it.
+# About 45 minutes on 2 CPU cores. Run from the repository root with ../shared/data beside it.
 set -euo pipefail
 data=${DATA:-../shared/data}
 antidote_file=runs/qwen05-builtin.antidote
@@ -14,9 +14,9 @@ antidote eval -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreak
   --defenses none,antidote,antidote+self-reminder,self-reminder,icd,smoothllm,perplexity,paraphrase,dense-antidote \
   --alpha "$half" --alpha "$suggested" --alpha "$more" --max-new-tokens 32 \
   --xstest "$data/xstest/xstest_prompts.csv" --benign-limit 20 --out runs/jbb-stride20
-antidote judge-agreement "$data"/xstest/completions/*.csv --llm-judge qwen2.5-coder-0.5b-instruct --limit 60 \
+antidote judge-agreement "$data"/xstest/completions/*.csv --llm-judge qwen2.5-coder-0.5b-instruct --limit 20 \
   --out runs/jbb-stride20
 antidote report runs/jbb-stride20
 antidote sweep -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride 20 \
-  --attacks dan,aim,refusal-suppression --factor 0.5 --factor 1 --factor 1.5 --factor 2 \
-  --k 0.01 --k 0.05 --k 0.25 --k 1 --max-new-tokens 32 --benign-limit 10 --out runs/sweep-stride20
+  --attacks dan,aim,refusal-suppression --factor 1 --factor 2 \
+  --k 0.01 --k 0.05 --k 1 --max-new-tokens 32 --benign-limit 10 --out runs/sweep-stride20
