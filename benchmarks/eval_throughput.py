@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="none: only time the judge")
     parser.add_argument("--score-prompts", type=int, default=1000)
     args = parser.parse_args()
 

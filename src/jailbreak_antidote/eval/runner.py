@@ -206,13 +206,16 @@ class Evaluation:
         }
 
     def utility_metrics(self, utility: RowStore, metrics: RowStore, sample: int = 32) -> None:
-        """Next-token KL and answer NLL for steered settings, on a sample of the benign prompts."""
+        """Next-token KL and answer NLL for steered settings, on a sample of the benign (not unsafe) prompts."""
         from .utility import answer_nll, next_token_kl
 
         runner = self.runner
         if runner.antidote is None or not self.benign_sets:
             return
-        prompts = [p for group in self.benign_sets.values() for p in group][:sample]
+        benign = [p for name, group in self.benign_sets.items() if not name.endswith("unsafe") for p in group]
+        prompts = benign[:sample]
+        if not prompts:
+            return
         baseline = {r["prompt"]: r["response"] for r in utility.rows if r["defense"] == "none"}
         if not all(p in baseline for p in prompts):
             answers = runner.run(Setting("none"), prompts)
