@@ -15,7 +15,8 @@ antidote eval -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreak
   --alpha "$half" --alpha "$suggested" --alpha "$more" --max-new-tokens 32 \
   --xstest "$data/xstest/xstest_prompts.csv" --benign-limit 20 --out runs/jbb-stride20
 antidote judge-agreement "$data"/xstest/completions/*.csv --llm-judge qwen2.5-coder-0.5b-instruct --limit 20 \
-  --out runs/jbb-stride20
+  --out runs/judge-llm
+antidote judge-agreement "$data"/xstest/completions/*.csv --out runs/jbb-stride20   # keyword judge, all 2,250
 antidote report runs/jbb-stride20
 antidote sweep -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride 20 \
   --attacks dan,aim,refusal-suppression --factor 1 --factor 2 \
