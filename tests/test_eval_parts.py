@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import HARMLESS
 
 from jailbreak_antidote.errors import InvalidParameter, PromptFileError
 from jailbreak_antidote.eval.attacks import BUILTIN, get_attacks, read_attack_file
@@ -127,7 +126,3 @@ def test_build_settings():
     assert [s.k for s in settings if s.defense == "dense-antidote"] == [1.0, 1.0]
     with pytest.raises(InvalidParameter, match="unknown defense"):
         build_settings(["rlhf"], [1.0], [0.05], ["top"])
-
-
-def test_unused_helpers_import():
-    assert HARMLESS  # conftest import keeps fixtures discoverable for this module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -176,6 +177,10 @@ class Antidote:
         if validate:
             self.validate(model)
         return Steering(model, self.vectors(), self.suggested_alpha if alpha is None else alpha)
+
+    def maybe_applied(self, model: nn.Module, alpha: float) -> contextlib.AbstractContextManager:
+        """`applied` without validation, or a no-op context when alpha is 0 (evaluation helpers)."""
+        return self.applied(model, alpha, validate=False) if alpha != 0 else contextlib.nullcontext()
 
     # ----- persistence ----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

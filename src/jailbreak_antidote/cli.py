@@ -115,12 +115,11 @@ def fit(
 ) -> None:
     """Fit an antidote from paired harmful/harmless prompts and save it."""
     from .antidote import check_k
-    from .fit import fit_antidote
+    from .fit import check_layer_top_p, fit_antidote
     from .prompts import builtin_calibration, check_pairs, read_prompts
 
     check_k(k)
-    if not 0 < layer_top_p <= 1:
-        raise InvalidParameter(f"--layer-top-p must be in (0, 1], got {layer_top_p}")
+    check_layer_top_p(layer_top_p, "--layer-top-p")  # fail before the slow model load
     if (harmful is None) != (harmless is None):
         raise InvalidParameter("give both --harmful and --harmless, or neither (to use the built-in set)")
     if harmful is not None and harmless is not None:

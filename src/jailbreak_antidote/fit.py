@@ -34,6 +34,12 @@ def _package_version() -> str:
         return "unknown"
 
 
+def check_layer_top_p(layer_top_p: float, name: str = "layer_top_p") -> float:
+    if not 0 < layer_top_p <= 1:
+        raise InvalidParameter(f"{name} must be in (0, 1] (fraction of layers kept), got {layer_top_p}")
+    return layer_top_p
+
+
 def directions_from_differences(diffs: torch.Tensor, method: str) -> torch.Tensor:
     """Unit directions [layers, hidden] from paired differences diffs [pairs, layers, hidden].
 
@@ -125,8 +131,7 @@ def fit_antidote(
     Works for any concept: 'harmful' is the side that +alpha pushes towards.
     """
     check_k(k)
-    if not 0 < layer_top_p <= 1:
-        raise InvalidParameter(f"layer_top_p must be in (0, 1] (fraction of layers kept), got {layer_top_p}")
+    check_layer_top_p(layer_top_p)
     if method not in METHODS:
         raise InvalidParameter(f"method must be one of {METHODS}, got {method!r}")
     if selector not in SELECTORS:

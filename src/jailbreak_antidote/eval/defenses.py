@@ -102,14 +102,14 @@ class DefenseRunner:
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _generate(self, chats: Sequence[Chat], setting: Setting | None = None) -> list[str]:
-        antidote = self._steering(setting) if setting is not None else None
+        antidote = self.steering_antidote(setting) if setting is not None else None
         return generate(
             self.model, self.tokenizer, chats, antidote=antidote,
             alphas=setting.alpha if antidote is not None else None,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, sampling=self.sampling,
         )  # fmt: skip
 
-    def _steering(self, setting: Setting) -> Antidote | None:
+    def steering_antidote(self, setting: Setting) -> Antidote | None:
         if setting.defense not in STEERED:
             return None
         if self.antidote is None:

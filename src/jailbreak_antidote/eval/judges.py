@@ -108,9 +108,8 @@ def refusal_scores(
         tokenizer(o, add_special_tokens=False)["input_ids"] for o in (REFUSAL_CONTINUATION, COMPLIANCE_CONTINUATION)
     ]
     device = next(model.parameters()).device
-    steering = antidote.applied(model, alpha, validate=False) if antidote is not None and alpha != 0 else None
     scores: list[float] = []
-    with steering or contextlib.nullcontext():
+    with antidote.maybe_applied(model, alpha) if antidote is not None else contextlib.nullcontext():
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)  # fmt: skip

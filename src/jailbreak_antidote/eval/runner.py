@@ -224,7 +224,7 @@ class Evaluation:
             fields = self.setting_fields(setting)
             if setting.defense not in STEERED or metrics.key(fields) in metrics.keys:
                 continue
-            antidote = runner._steering(setting)
+            antidote = runner.steering_antidote(setting)
             metrics.append(
                 [
                     {

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -18,11 +19,7 @@ from ..models import encode_prompts, render_prompt
 
 
 def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float):
-    from contextlib import nullcontext
-
-    if antidote is None or alpha == 0:
-        return nullcontext()
-    return antidote.applied(model, alpha, validate=False)
+    return antidote.maybe_applied(model, alpha) if antidote is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
