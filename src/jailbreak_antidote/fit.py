@@ -5,22 +5,26 @@ The suggested alpha is derived from the model's own statistics (see `suggest_alp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import bundled
 from .activations import last_token_states
 from .antidote import SELECTORS, Antidote, check_k, sparse_mask
 from .blocks import decoder_blocks
-from .errors import InvalidParameter
-from .models import model_identity
-from .prompts import check_pairs
+from .errors import AntidoteError, InvalidParameter
+from .models import model_identity, weights_digest
+from .prompts import builtin_calibration, check_pairs
 
 METHODS = ("pca", "mean_diff")
 # The suggested alpha closes this fraction of the harmful-harmless projection gap (see suggest_alpha).
@@ -225,3 +229,27 @@ def fit_antidote(
             "fit_seconds": round(time.perf_counter() - started, 2),
         },
     )
+
+
+def builtin_antidote(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str, log: Callable[[str], None] = print
+) -> Antidote:
+    """An antidote fitted on the built-in calibration set, cached per model weights and calibration data
+    (the demo and the server use it when no .antidote file is given)."""
+    calibration = builtin_calibration()
+    key = hashlib.sha256(
+        json.dumps([weights_digest(model), calibration.harmful, calibration.harmless]).encode()
+    ).hexdigest()[:16]
+    path = bundled.cache_root() / "antidotes" / f"{Path(model_name).name}-builtin-{key}.antidote"
+    if path.is_file():
+        try:
+            log(f"reusing cached antidote {path}")
+            return Antidote.load(path, model=model)
+        except AntidoteError as exc:
+            log(f"cached antidote unusable ({exc}); refitting")
+    log("fitting an antidote on the built-in calibration set (once; cached afterwards)")
+    antidote = fit_antidote(
+        model, tokenizer, calibration.harmful, calibration.harmless, show_progress=True, source="builtin"
+    )
+    antidote.save(path)
+    return antidote

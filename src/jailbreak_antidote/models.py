@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,13 @@ def weights_digest(model: PreTrainedModel) -> str:
     for weight in _probe_tensors(model):
         digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: object) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values  # type: ignore[attr-defined]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
 from ..errors import PromptFileError
-from ..models import Chat, render_prompt
+from ..models import Chat, cache_argument, render_prompt, returned_cache
 
 # Phrases that mark a refusal anywhere in the opening of an answer (JailbreakBench's list, extended).
 REFUSAL_PHRASES = (
@@ -124,23 +123,13 @@ def refusal_scores(
                     mask = torch.cat(
                         [encoded["attention_mask"], encoded["attention_mask"].new_ones(batch, len(ids) - 1)], 1
                     )
-                    cache = {_cache_argument(model): copy.deepcopy(_returned_cache(prefix))}
+                    cache = {cache_argument(model): copy.deepcopy(returned_cache(prefix))}
                     rest = model(input_ids=target[:-1].expand(batch, -1), attention_mask=mask, use_cache=True, **cache)
                     logprobs = torch.log_softmax(rest.logits.float(), dim=-1)
                     total = total + logprobs.gather(-1, target[1:].expand(batch, -1)[..., None]).squeeze(-1).sum(1)
                 means.append(total / len(ids))
             scores += torch.sigmoid(means[0] - means[1]).tolist()
     return scores
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache`; use whichever this version takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output: object) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values  # type: ignore[attr-defined]
 
 
 # ----- local LLM judge, PAIR-style 1-10 rubric ---------------------------------------------------------

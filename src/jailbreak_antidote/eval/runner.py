@@ -47,6 +47,7 @@ class RunConfig:
     temperature: float
     top_p: float
     seed: int
+    dtype: str = "float32"
 
     def describe_difference(self, other: dict[str, Any]) -> str:
         mine = asdict(self)
@@ -101,6 +102,7 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
     config_path = out_dir / CONFIG_FILE
     if config_path.is_file():
         existing = json.loads(config_path.read_text())
+        existing.setdefault("dtype", "float32")  # directories written before the dtype option
         if existing != asdict(config):
             raise InvalidParameter(
                 f"{out_dir} holds rows from a different configuration ({config.describe_difference(existing)}); "

@@ -1,0 +1,86 @@
+"""`antidote serve` (registered in cli.py): the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import bundled
+from .cli import DtypeOption, ModelOption, _load, app, err, friendly_errors
+from .errors import InvalidParameter
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: ModelOption = None,
+    dtype: DtypeOption = "float32",
+    antidote_path: Annotated[
+        Path | None,
+        typer.Option("--antidote", "-a", help="A .antidote file [default: fit on the built-in set, cached]"),
+    ] = None,
+    no_antidote: Annotated[bool, typer.Option("--no-antidote", help="Serve the model undefended")] = False,
+    alpha: Annotated[
+        float | None, typer.Option(help="Default strength for requests that send none [default: suggested]")
+    ] = None,
+    alpha_min: Annotated[float, typer.Option(help="Smallest alpha a request may ask for")] = 0.0,
+    alpha_max: Annotated[
+        float | None, typer.Option(help="Largest alpha a request may ask for [default: the artifact's range top]")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens a request may ask for")] = 1024,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id clients send and /v1/models lists [default: --model]")
+    ] = None,
+    request_log: Annotated[
+        Path | None, typer.Option(help="Append one JSON line per request here [default: stderr]")
+    ] = None,
+    log_prompts: Annotated[bool, typer.Option(help="Also log prompt and answer text (off: counts only)")] = False,
+) -> None:
+    """Serve an OpenAI-compatible chat API; each request may set its own strength with
+    `{"antidote": {"alpha": 0.4}}` in the body (`extra_body` in the openai client)."""
+    import uvicorn
+
+    from .antidote import Antidote
+    from .fit import builtin_antidote
+    from .server import ServerConfig, create_app
+    from .steer import check_alpha
+
+    if max_batch < 1 or max_tokens < 1:
+        raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
+    if no_antidote and antidote_path is not None:
+        raise InvalidParameter("give --antidote or --no-antidote, not both")
+    antidote = Antidote.load(antidote_path) if antidote_path else None
+    if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
+        model = antidote.model["name"]
+    lm, tokenizer = _load(model, dtype)
+    name = model or bundled.DEFAULT_MODEL
+    if antidote is not None:
+        antidote.validate(lm)
+    elif not no_antidote:
+        antidote = builtin_antidote(lm, tokenizer, name, log=err.print)
+    if antidote is None:
+        default, low, high = 0.0, 0.0, 0.0
+    else:
+        default = check_alpha(antidote.suggested_alpha if alpha is None else alpha)
+        low = check_alpha(alpha_min)
+        high = check_alpha(alpha_max if alpha_max is not None else max(antidote.alpha.get("range", [0, 0])[1], default))
+        if not low <= default <= high:
+            raise InvalidParameter(f"--alpha {default} is outside [--alpha-min {low}, --alpha-max {high}]")
+    config = ServerConfig(
+        model_name=served_model_name or name, default_alpha=float(default), alpha_min=float(low),
+        alpha_max=float(high), api_key=api_key, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
+        max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
+    )  # fmt: skip
+    err.print(
+        f"serving {config.model_name} on http://{host}:{port}/v1 "
+        + (f"with alpha {default} (allowed {low} - {high})" if antidote else "without an antidote")
+    )
+    uvicorn.run(create_app(lm, tokenizer, antidote, config), host=host, port=port, log_level="warning")
