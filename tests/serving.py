@@ -15,7 +15,7 @@ from jailbreak_antidote.server import ServerConfig, create_app
 KEY = "test-key"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -24,7 +24,7 @@ def _free_port() -> int:
 class RunningServer:
     def __init__(self, model, tokenizer, antidote, config: ServerConfig):
         self.model, self.tokenizer, self.antidote, self.config = model, tokenizer, antidote, config
-        self.port = _free_port()
+        self.port = free_port()
         app = create_app(model, tokenizer, antidote, config)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

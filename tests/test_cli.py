@@ -41,7 +41,7 @@ def run(*args: str):
 
 
 def test_help_for_every_command():
-    for command in ("models", "fit", "inspect", "generate", "demo"):
+    for command in ("models", "fit", "inspect", "generate", "demo", "eval", "sweep", "report", "serve"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -86,6 +86,10 @@ def test_generate_side_by_side_and_jsonl(model_dir, fitted, prompt_files, tmp_pa
         (["generate"], "exactly one of PROMPT or --prompts"),
         (["generate", "hi", "--alpha", "1"], "--alpha needs --antidote"),
         (["generate", "hi", "--alpha", "nan"], "finite"),
+        (["generate", "hi", "--dtype", "float8"], "unknown dtype"),
+        (["serve", "--max-batch", "0"], "--max-batch"),
+        (["serve", "--antidote", "missing.antidote"], "does not exist"),
+        (["serve", "--antidote", "missing.antidote", "--no-antidote"], "not both"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message):
@@ -187,3 +191,41 @@ def test_judge_agreement_on_xstest(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "judge_agreement.json").read_text())["rows"]
     assert len(rows) == 5 and all(0.5 < r["accuracy"] <= 1 for r in rows)
+
+
+def test_serve_alpha_outside_its_range(model_dir, fitted):
+    result = run("serve", "-m", str(model_dir), "--antidote", str(fitted), "--alpha", "5", "--alpha-max", "1")
+    assert result.exit_code == 2 and "outside" in result.output
+
+
+def test_serve_command_end_to_end(model_dir, fitted, tmp_path):
+    """`antidote serve` in its own process: health, one steered completion, the request log, clean exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from serving import free_port
+
+    port, log = free_port(), tmp_path / "requests.jsonl"
+    command = [sys.executable, "-m", "jailbreak_antidote", "serve", "-m", str(model_dir), "--antidote", str(fitted),
+               "--port", str(port), "--request-log", str(log), "--max-tokens", "16"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.3)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "antidote": {"alpha": 0.01}}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["antidote"]["alpha"] == 0.01 and answer["usage"]["completion_tokens"] >= 1
+        assert json.loads(log.read_text().splitlines()[-1])["alpha"] == 0.01
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
