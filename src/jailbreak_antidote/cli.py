@@ -42,6 +42,13 @@ DtypeOption = Annotated[
         "answers can differ slightly from float32)"
     ),
 ]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        help="transformers, or llamacpp: the model's GGUF file on llama.cpp, the antidote as a control vector "
+        "(pip install -e '.[llamacpp]')"
+    ),
+]
 SystemOption = Annotated[
     str | None, typer.Option(help="System prompt (folded into the user turn for templates without one)")
 ]
@@ -73,11 +80,28 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _load(model: str | None, dtype: str = "float32"):
+def _load(model: str | None, dtype: str = "float32", backend: str = "transformers"):
+    """(model, tokenizer) on the chosen backend; a llama.cpp model comes with its transformers tokenizer."""
     from .models import load_model
 
+    if backend == "llamacpp":
+        from .llamacpp import LlamaCppModel
+
+        err.print(f"loading model {model or bundled.DEFAULT_MODEL} on llama.cpp ...", highlight=False)
+        lm = LlamaCppModel.load(model)
+        return lm, lm.tokenizer
+    if backend != "transformers":
+        raise InvalidParameter(f"unknown backend {backend!r}; backends: transformers, llamacpp")
     err.print(f"loading model {model or bundled.DEFAULT_MODEL} ({dtype}) ...", highlight=False)
     return load_model(model, dtype=dtype)
+
+
+def _check(antidote, lm) -> None:
+    """Refuse an antidote fitted on another model, on either backend."""
+    if getattr(lm, "backend_name", "transformers") == "llamacpp":
+        lm.validate(antidote)
+    else:
+        antidote.validate(lm)
 
 
 @app.command()
@@ -203,6 +227,7 @@ def generate(
     ] = None,
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
+    backend: BackendOption = "transformers",
     antidote_path: Annotated[Path | None, typer.Option("--antidote", "-a", help="A .antidote file")] = None,
     alpha: Annotated[
         list[float] | None,
@@ -234,7 +259,7 @@ def generate(
     alphas = alpha or ([antidote.suggested_alpha] if antidote else [0.0])
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
-    lm, tokenizer = _load(model, dtype)
+    lm, tokenizer = _load(model, dtype, backend)
     rows = generate_grid(
         lm, tokenizer, texts, alphas, antidote=antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
         system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True,
@@ -305,4 +330,4 @@ def demo(
 
 
 # Evaluation and serving commands live in their own modules; importing them registers them on `app`.
-from . import cli_eval, cli_serve  # noqa: E402, F401
+from . import cli_eval, cli_export, cli_serve  # noqa: E402, F401

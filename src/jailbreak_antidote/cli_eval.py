@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from . import bundled
-from .cli import DtypeOption, ModelOption, _load, app, err, friendly_errors, out
+from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors, out
 from .errors import InvalidParameter
 
 SWEEP_KS = [0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
@@ -69,7 +69,7 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 
 
 def _run(
-    *, model, dtype, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens,
+    *, model, dtype, backend, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens,
     batch_size, limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1,
 ) -> None:  # fmt: skip
     from .antidote import Antidote
@@ -98,11 +98,14 @@ def _run(
     settings = build_settings(defenses, alphas or [0.0], ks or [0.05], selectors)
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
-    lm, tokenizer = _load(model, dtype)
+    lm, tokenizer = _load(model, dtype, backend)
     if antidote is not None:
-        antidote.validate(lm)
+        _check(antidote, lm)
+    on_llamacpp = backend == "llamacpp"
     config = RunConfig(
-        model=str(lm.config.antidote_source), model_sha256=weights_digest(lm), dtype=dtype,
+        model=lm.name if on_llamacpp else str(lm.config.antidote_source),
+        model_sha256=file_sha256(lm.gguf_path) if on_llamacpp else weights_digest(lm),
+        dtype="gguf" if on_llamacpp else dtype, backend=backend,
         antidote_sha256=file_sha256(antidote_path) if antidote_path else None,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
     )  # fmt: skip
@@ -146,6 +149,7 @@ def eval_command(
     out_dir: OutOption,
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
+    backend: BackendOption = "transformers",
     antidote_path: AntidoteOption = None,
     attacks: AttacksOption = "all",
     defenses: Annotated[
@@ -170,7 +174,8 @@ def eval_command(
 ) -> None:
     """Attack success and defense success per attack and defense, plus benign compliance; resumable."""
     _run(
-        model=model, dtype=dtype, antidote_path=antidote_path, goals=goals, attacks=attacks, defenses=_split(defenses),
+        model=model, dtype=dtype, backend=backend, antidote_path=antidote_path, goals=goals, attacks=attacks,
+        defenses=_split(defenses),
         alphas=alpha, ks=k, selectors=selector or ["top"], out_dir=out_dir, max_new_tokens=max_new_tokens,
         batch_size=batch_size, limit=limit, benign=benign, xstest=xstest, benign_limit=benign_limit,
         temperature=temperature, seed=seed, stride=stride,
@@ -185,6 +190,7 @@ def sweep(
     antidote_path: Annotated[Path, typer.Option("--antidote", "-a", help="A .antidote file")],
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
+    backend: BackendOption = "transformers",
     attacks: AttacksOption = "all",
     factor: Annotated[
         list[float] | None,
@@ -203,7 +209,7 @@ def sweep(
 ) -> None:
     """alpha x k x selector grid of the antidote (plus the undefended model), with plots of the trade-off."""
     _run(
-        model=model, dtype=dtype, antidote_path=antidote_path, goals=goals, attacks=attacks,
+        model=model, dtype=dtype, backend=backend, antidote_path=antidote_path, goals=goals, attacks=attacks,
         defenses=["none", "antidote"],
         alphas=alpha, ks=k or SWEEP_KS, selectors=selector or ["top", "random"], out_dir=out_dir,
         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, benign=benign, xstest=xstest,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import bundled
-from .cli import DtypeOption, ModelOption, _load, app, err, friendly_errors
+from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors
 from .errors import InvalidParameter
 
 
@@ -17,6 +17,7 @@ from .errors import InvalidParameter
 def serve(
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
+    backend: BackendOption = "transformers",
     antidote_path: Annotated[
         Path | None,
         typer.Option("--antidote", "-a", help="A .antidote file [default: fit on the built-in set, cached]"),
@@ -60,10 +61,12 @@ def serve(
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
-    lm, tokenizer = _load(model, dtype)
+    lm, tokenizer = _load(model, dtype, backend)
     name = model or bundled.DEFAULT_MODEL
     if antidote is not None:
-        antidote.validate(lm)
+        _check(antidote, lm)
+    elif not no_antidote and backend == "llamacpp":
+        raise InvalidParameter("with --backend llamacpp give --antidote FILE (fit one with `antidote fit`)")
     elif not no_antidote:
         antidote = builtin_antidote(lm, tokenizer, name, log=err.print)
     if antidote is None:

@@ -50,6 +50,13 @@ def generate(
     suggested alpha). Rows of different alpha share batches."""
     if max_new_tokens < 1:
         raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if getattr(model, "backend_name", "transformers") == "llamacpp":  # a LlamaCppModel: same contract
+        from .llamacpp import llamacpp_generate
+
+        return llamacpp_generate(
+            model, prompts, antidote=antidote, alphas=alphas, max_new_tokens=max_new_tokens, system=system,
+            sampling=sampling,
+        )  # fmt: skip
     if batch_size < 1:
         raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
     sampling = sampling or Sampling()

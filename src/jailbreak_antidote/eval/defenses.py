@@ -169,7 +169,15 @@ class DefenseRunner:
             outcomes.append(Outcome(chosen, extra_generations=copies - 1, details={"refusal_votes": sum(votes)}))
         return outcomes
 
+    @property
+    def on_llamacpp(self) -> bool:
+        return getattr(self.model, "backend_name", "transformers") == "llamacpp"
+
     def _perplexity(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
+        if self.on_llamacpp:
+            raise InvalidParameter(
+                "the perplexity defense scores prompts with transformers; use --backend transformers"
+            )
         threshold = self.perplexity_threshold()
         scores = prompt_perplexities(self.model, self.tokenizer, prompts, batch_size=self.batch_size)
         passed = [i for i, s in enumerate(scores) if s <= threshold]

@@ -48,6 +48,7 @@ class RunConfig:
     top_p: float
     seed: int
     dtype: str = "float32"
+    backend: str = "transformers"
 
     def describe_difference(self, other: dict[str, Any]) -> str:
         mine = asdict(self)
@@ -102,7 +103,8 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
     config_path = out_dir / CONFIG_FILE
     if config_path.is_file():
         existing = json.loads(config_path.read_text())
-        existing.setdefault("dtype", "float32")  # directories written before the dtype option
+        existing.setdefault("dtype", "float32")  # directories written before these options existed
+        existing.setdefault("backend", "transformers")
         if existing != asdict(config):
             raise InvalidParameter(
                 f"{out_dir} holds rows from a different configuration ({config.describe_difference(existing)}); "
@@ -212,8 +214,8 @@ class Evaluation:
         from .utility import answer_nll, next_token_kl
 
         runner = self.runner
-        if runner.antidote is None or not self.benign_sets:
-            return
+        if runner.antidote is None or not self.benign_sets or runner.on_llamacpp:
+            return  # KL and NLL need the transformers model's logits
         benign = [p for name, group in self.benign_sets.items() if not name.endswith("unsafe") for p in group]
         prompts = benign[:sample]
         if not prompts:

@@ -63,12 +63,9 @@ def create_app(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, antidote: Antidote | None, config: ServerConfig
 ) -> FastAPI:
     metrics = ServerMetrics(config.alpha_max)
-    engine = BatchEngine(
-        model, tokenizer, antidote, max_batch=config.max_batch, batch_wait_s=config.batch_wait_s,
-        max_queue=config.max_queue, on_batch=metrics.batch_size.observe,
-    )  # fmt: skip
+    engine = _engine(model, tokenizer, antidote, config, metrics)
     log = RequestLog(config.request_log, config.log_prompts)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model, "context_length", None) or getattr(model.config, "max_position_embeddings", None)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -259,6 +256,15 @@ class _Record:
             "finish_reason": event.finish_reason, "refusal": self.refusal, "stream": stream,
         }  # fmt: skip
         self.log.write(entry, prompt=self.body.chat(), completion=event.text)
+
+
+def _engine(model: Any, tokenizer: Any, antidote: Antidote | None, config: ServerConfig, metrics: ServerMetrics):
+    options = dict(batch_wait_s=config.batch_wait_s, max_queue=config.max_queue, on_batch=metrics.batch_size.observe)
+    if getattr(model, "backend_name", "transformers") == "llamacpp":
+        from ..llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(model, antidote, **options)
+    return BatchEngine(model, tokenizer, antidote, max_batch=config.max_batch, **options)
 
 
 def _usage(job: GenerationRequest, event: Finished) -> dict[str, int]:

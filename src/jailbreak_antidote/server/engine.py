@@ -59,7 +59,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class _Row:
+class DecodeRow:
     """Decode state of one request inside a batch."""
 
     def __init__(self, request: GenerationRequest, tokenizer: PreTrainedTokenizerBase):
@@ -103,7 +103,7 @@ class _Row:
         self.request.on_event(Finished(self.text, reason, len(self.tokens)))
 
 
-def _choose_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+def choose_tokens(logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
     """Greedy for temperature 0, else seeded nucleus sampling, per row."""
     choice = logits.argmax(dim=-1).tolist()
     for i, row in enumerate(rows):
@@ -135,17 +135,29 @@ class BatchEngine:
         on_batch: Callable[[int], None] | None = None,
     ):
         self.model = model
-        self.tokenizer = tokenizer
         self.antidote = antidote
+        self.device = next(model.parameters()).device
+        self._cache_kwarg = cache_argument(model)
+        self._init_common(tokenizer, max_batch, batch_wait_s, max_queue, on_batch)
+        self.eos_ids |= eos_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
+
+    def _init_common(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_batch: int = 16,
+        batch_wait_s: float = 0.01,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """What every engine has, whatever runs the model: the queue, the worker, end-of-turn tokens."""
+        self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
         self.on_batch = on_batch or (lambda size: None)
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self._cache_kwarg = cache_argument(model)
+        self.eos_ids = eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
 
     # ----- lifecycle ------------------------------------------------------------------------------
@@ -196,7 +208,7 @@ class BatchEngine:
 
     @torch.no_grad()
     def run_batch(self, requests: list[GenerationRequest]) -> None:
-        rows = [_Row(r, self.tokenizer) for r in requests]
+        rows = [DecodeRow(r, self.tokenizer) for r in requests]
         length = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -214,7 +226,12 @@ class BatchEngine:
                 steering.remove()
 
     def _decode(
-        self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, alphas: torch.Tensor, steering: Steering | None
+        self,
+        rows: list[DecodeRow],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        alphas: torch.Tensor,
+        steering: Steering | None,
     ) -> None:
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -224,7 +241,7 @@ class BatchEngine:
                 position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
             )  # fmt: skip
             cache = returned_cache(output)
-            tokens = _choose_tokens(output.logits[:, -1, :], rows)
+            tokens = choose_tokens(output.logits[:, -1, :], rows)
             keep = []
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 reason = "cancelled" if row.request.cancelled.is_set() else row.add(token, self.eos_ids)
@@ -251,10 +268,10 @@ def _alpha_argument(alphas: torch.Tensor) -> float | torch.Tensor:
     return float(alphas[0]) if bool((alphas == alphas[0]).all()) else alphas
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """End-of-turn tokens from the generation config and the tokenizer (chat models often have several)."""
+def eos_ids(tokenizer: PreTrainedTokenizerBase, extra: int | Sequence[int] | None = None) -> set[int]:
+    """End-of-turn tokens: the tokenizer's plus those of the generation config (chat models often have several)."""
     ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (extra, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list | tuple):
