@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python (the `llamacpp` backend) into the active environment.
 # PyPI ships it as source only, and compiling llama.cpp takes about 11 minutes on 2 cores, so the wheel built
-# the first time is kept in $LLAMACPP_WHEELHOUSE (default ~/.cache/jailbreak-antidote-wheels) and reused
-# on every later install on this machine. The wheel is built for this machine's CPU (llama.cpp's native
-# build); delete the folder to rebuild after moving to another CPU.
+# the first time is kept in $LLAMACPP_WHEELHOUSE (default ~/.cache/jailbreak-antidote-wheels), in a folder
+# named after the version and the build flags, and reused by every later install on this machine.
+#
+# Build flags: the CPU's own vector extensions (read from /proc/cpuinfo), but never AMX: ggml's AMX matmul
+# dies with SIGILL on machines here that report AMX under a hypervisor, and the default native build would
+# enable it. Set LLAMACPP_CMAKE_ARGS to override.
 set -euo pipefail
 version=${LLAMACPP_VERSION:-0.3.36}
 wheelhouse=${LLAMACPP_WHEELHOUSE:-$HOME/.cache/jailbreak-antidote-wheels}
-mkdir -p "$wheelhouse"
-if ! ls "$wheelhouse"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $version from source (about 11 minutes on 2 cores; cached in $wheelhouse)"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    python -m pip wheel --no-deps "llama-cpp-python==$version" -w "$wheelhouse"
-else
-  echo "using the cached llama-cpp-python $version wheel in $wheelhouse"
+
+if [ -z "${LLAMACPP_CMAKE_ARGS:-}" ]; then
+  cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
+              avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    case "$cpu_flags" in *" ${pair%%:*} "*) LLAMACPP_CMAKE_ARGS+=" -DGGML_${pair##*:}=ON" ;; esac
+  done
 fi
-python -m pip install -q --find-links "$wheelhouse" "llama-cpp-python==$version"
+build_id=$(printf '%s' "$LLAMACPP_CMAKE_ARGS" | sha256sum | cut -c1-12)
+target="$wheelhouse/$version-$build_id"
+mkdir -p "$target"
+if ! ls "$target"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $version from source (about 11 minutes on 2 cores; kept in $target)"
+  echo "CMAKE_ARGS=$LLAMACPP_CMAKE_ARGS"
+  CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    python -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$version" -w "$target"
+else
+  echo "using the cached llama-cpp-python $version wheel in $target"
+fi
+python -m pip install -q --force-reinstall --no-deps "$target"/llama_cpp_python-"$version"-*.whl
+python -m pip install -q --find-links "$target" "llama-cpp-python==$version"  # its pure-Python dependencies

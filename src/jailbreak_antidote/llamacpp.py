@@ -41,17 +41,27 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+def extra_buffer_types_safe(llama_cpp: Any) -> bool:
+    """Whether to let llama.cpp use its "extra" CPU buffer types (repacked weights: faster matmuls).
+
+    Not with a build that has AMX: on machines here that report AMX under a hypervisor, ggml's AMX matmul
+    dies with SIGILL (`tilezero` on an unconfigured tile). scripts/install-llamacpp.sh builds without AMX.
+    ANTIDOTE_LLAMACPP_EXTRA_BUFTS=1 or =0 overrides the check."""
+    override = os.environ.get("ANTIDOTE_LLAMACPP_EXTRA_BUFTS")
+    if override in ("0", "1"):
+        return override == "1"
+    return "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
 @contextlib.contextmanager
-def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
-    """Load weights without llama.cpp's "extra" CPU buffer types. On CPUs that report AMX, ggml's AMX
-    matmul dies with SIGILL (seen here under a hypervisor: `tilezero` on an unconfigured tile); the
-    Python binding has no switch for `use_extra_bufts`, so its default-params factory is wrapped."""
+def _model_params(llama_cpp: Any, use_extra_bufts: bool) -> Iterator[None]:
+    """The binding has no switch for `use_extra_bufts`, so its default-params factory is wrapped."""
     low_level = llama_cpp.llama_cpp
     original = low_level.llama_model_default_params
 
     def params() -> Any:
         value = original()
-        value.use_extra_bufts = os.environ.get("ANTIDOTE_LLAMACPP_EXTRA_BUFTS") == "1"
+        value.use_extra_bufts = use_extra_bufts
         return value
 
     low_level.llama_model_default_params = params
@@ -96,7 +106,7 @@ class LlamaCppModel:
         self.llama_cpp = llama_cpp
         self.name, self.gguf_path, self.tokenizer = name, gguf_path, tokenizer
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        with _without_extra_buffer_types(llama_cpp):
+        with _model_params(llama_cpp, use_extra_bufts=extra_buffer_types_safe(llama_cpp)):
             self.llm = llama_cpp.Llama(
                 model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
             )
