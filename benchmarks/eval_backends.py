@@ -62,7 +62,7 @@ def main() -> None:
             out = Path(tmp) / backend
             seconds[backend] = run_eval(backend, args, out)
             print(f"{backend:<13} {seconds[backend]:7.1f} s   {overall(out)}")
-    print(f"llama.cpp vs transformers wall time: {seconds['transformers'] / seconds['llamacpp']:.2f}x faster")
+    print(f"speed, llama.cpp relative to transformers: {seconds['transformers'] / seconds['llamacpp']:.2f}x")
 
 
 if __name__ == "__main__":
