@@ -2,7 +2,7 @@
 antidote, one prompt at a time, in one process, interleaved.
 
     python benchmarks/llamacpp_speed.py [--models qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct]
-                                        [--tokens 32] [--repeats 3]
+                                        [--tokens 32] [--repeats 9]
 
 Every run generates exactly --tokens tokens (end-of-turn ignored) for the same benign prompt. The antidote is
 the built-in one (fitted once per model and cached). Prints tokens/s per setting and the ratios.
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[bundled.DEFAULT_MODEL, "qwen2.5-coder-1.5b-instruct"])
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"one prompt at a time, exactly {args.tokens} new tokens, greedy, median of {args.repeats} interleaved runs")
@@ -85,7 +85,14 @@ def bench_model(name: str, tokens: int, repeats: int) -> None:
         print(f"  {key:<28} {value:7.2f} tokens/s")
     t0, t1 = rate["transformers alpha 0"], rate[f"transformers alpha {alpha:g}"]
     l0, l1 = rate["llama.cpp alpha 0"], rate[f"llama.cpp alpha {alpha:g}"]
-    print(f"  control-vector cost in llama.cpp: {l0 / l1 - 1:+.1%}; steering cost in transformers: {t0 / t1 - 1:+.1%}")
+    cost = {  # median over repeats of the per-repeat ratio: each pair ran back to back, so drift cancels
+        label: statistics.median(a / b - 1 for a, b in zip(runs[f"{label} alpha 0"], runs[f"{label} alpha {alpha:g}"]))
+        for label in settings
+    }
+    print(
+        f"  control-vector cost in llama.cpp: {cost['llama.cpp']:+.1%}; "
+        f"steering cost in transformers: {cost['transformers']:+.1%} (median of per-repeat pair ratios)"
+    )
     print(f"  llama.cpp vs transformers: {l0 / t0:.2f}x unsteered, {l1 / t1:.2f}x with the antidote")
 
 
