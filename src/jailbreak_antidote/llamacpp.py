@@ -26,6 +26,7 @@ from .errors import ArtifactMismatch, InvalidParameter, ModelLoadError
 from .generate import Sampling
 from .models import Chat, prepare_tokenizer, render_prompt
 from .server.engine import BatchEngine, DecodeRow, Finished, GenerationRequest, choose_tokens
+from .steer import check_alpha
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python: pip install -e '.[llamacpp]' "
@@ -158,6 +159,7 @@ class LlamaCppModel:
         if result != 0:
             raise ModelLoadError(f"llama.cpp refused the control vector (error {result})")
         self._vector = key
+        self._antidote = antidote  # held, so that the id in the key cannot be reused by another object
         self._cached = []  # states cached under the old vector are stale
 
     def forget(self) -> None:
@@ -242,6 +244,9 @@ def llamacpp_generate(
     if alphas is None or isinstance(alphas, int | float):
         default = antidote.suggested_alpha if antidote is not None else 0.0
         alphas = [default if alphas is None else float(alphas)] * len(prompts)
+    if len(alphas) != len(prompts):
+        raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")
+    alphas = [float(check_alpha(a)) for a in alphas]
     if antidote is not None:
         backend.validate(antidote)
     engine = LlamaCppEngine(backend, antidote)
@@ -249,8 +254,14 @@ def llamacpp_generate(
     results: dict[int, str] = {}
     for i in order:
         finished: list[Finished] = []
+        ids = backend.encode(prompts[i], system)
+        if len(ids) + max_new_tokens > backend.context_length:
+            raise InvalidParameter(
+                f"prompt {i} ({len(ids)} tokens) plus {max_new_tokens} new tokens exceeds the llama.cpp context of "
+                f"{backend.context_length} tokens"
+            )
         request = GenerationRequest(
-            prompt_ids=backend.encode(prompts[i], system), max_tokens=max_new_tokens, alpha=float(alphas[i]),
+            prompt_ids=ids, max_tokens=max_new_tokens, alpha=float(alphas[i]),
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed + i,
             on_event=lambda event, sink=finished: sink.append(event) if isinstance(event, Finished) else None,
         )  # fmt: skip
