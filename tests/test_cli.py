@@ -178,6 +178,8 @@ def test_eval_refuses_duplicate_goals_and_mixing_configs(model_dir, fitted, tmp_
     assert run(*base, "--max-new-tokens", "2").exit_code == 0
     result = run(*base, "--max-new-tokens", "3")
     assert result.exit_code == 2 and "different configuration" in result.output
+    result = run(*base, "--max-new-tokens", "2", "--dtype", "bfloat16")
+    assert result.exit_code == 2 and "dtype: 'float32' there vs 'bfloat16' now" in result.output
 
 
 def test_judge_agreement_on_xstest(tmp_path):
