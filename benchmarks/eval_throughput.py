@@ -2,6 +2,7 @@
 refusal-score judge takes for 1,000 prompts (no generation).
 
     python benchmarks/eval_throughput.py [--model NAME] [--tokens 64] [--prompts 16] [--score-prompts 1000]
+                                         [--dtypes float32 bfloat16]
 
 All batch sizes answer the same prompts (JailbreakBench-style attack prompts from the built-in attack
 templates over the built-in jailbreak goals) with exactly N new tokens, in one process.
@@ -40,14 +41,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="none: only time the judge")
     parser.add_argument("--score-prompts", type=int, default=1000)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], help="weights dtypes to compare, in turn")
     args = parser.parse_args()
+    for dtype in args.dtypes:
+        run(args, dtype)
 
-    model, tokenizer = load_model(args.model)
+
+def run(args: argparse.Namespace, dtype: str) -> None:
+    model, tokenizer = load_model(args.model, dtype=dtype)
     goals = builtin_prompts("harmful") + [p for p in builtin_calibration().harmful]
     attacks = [a for a in BUILTIN.values() if a.name != "direct"]
     prompts = [attacks[i % len(attacks)](goals[i % len(goals)]) for i in range(args.prompts)]
     print(f"machine: {machine()}")
-    print(f"model {args.model}: {len(prompts)} attack prompts, {args.tokens} new tokens each, greedy")
+    print(f"model {args.model} ({dtype}): {len(prompts)} attack prompts, {args.tokens} new tokens each, greedy")
     answer(model, tokenizer, prompts[:2], 2, 4)  # warm-up
     base = None
     for batch_size in args.batch_sizes:
@@ -56,6 +62,8 @@ def main() -> None:
         base = base or rate
         speedup = f"{rate / base:5.2f}x batch {args.batch_sizes[0]}"
         print(f"batch {batch_size:>3}: {rate:6.3f} prompts/s  {rate * args.tokens:7.1f} tokens/s  {speedup}")
+    if not args.score_prompts:
+        return
     many = [attacks[i % len(attacks)](goals[i % len(goals)]) for i in range(args.score_prompts)]
     started = time.perf_counter()
     scores = refusal_scores(model, tokenizer, many, batch_size=16)
