@@ -19,11 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ArtifactError, ArtifactMismatch, InvalidParameter
+from .probe import HarmProbe
 from .steer import Alpha, Steering
 
 FORMAT = "jailbreak-antidote"
 FORMAT_VERSION = 1
 SELECTORS = ("top", "random")
+PROBE_TENSORS = {"probe.weight", "probe.mean", "probe.std"}
 
 
 def check_k(k: float) -> float:
@@ -78,6 +80,7 @@ class Antidote:
     stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics per layer
     chat: dict[str, Any] = field(default_factory=dict)  # chat formatting used when fitting
     provenance: dict[str, Any] = field(default_factory=dict)
+    probe: HarmProbe | None = None  # optional harm probe (`antidote probe`), read at run time by adaptive modes
 
     @classmethod
     def fit(cls, model: nn.Module, tokenizer: Any, harmful: list[str], harmless: list[str], **kwargs: Any) -> Antidote:
@@ -197,6 +200,7 @@ class Antidote:
             "stats": self.stats,
             "chat": self.chat,
             "provenance": self.provenance,
+            "probe": self.probe.metadata() if self.probe is not None else None,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -207,6 +211,8 @@ class Antidote:
             "directions": self.directions.float().contiguous(),
             "masks": self.masks.to(torch.uint8).contiguous(),
         }
+        if self.probe is not None:
+            tensors.update({name: t.float().contiguous() for name, t in self.probe.tensors().items()})
         meta = self.metadata()
         meta["tensors_sha256"] = _tensor_digest(tensors)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -243,7 +249,8 @@ class Antidote:
                 f"antidote {str(path)!r} has format version {version}, this jailbreak-antidote reads version "
                 f"{FORMAT_VERSION}; upgrade the package or refit the antidote"
             )
-        if set(tensors) != {"directions", "masks"} or meta.get("tensors_sha256") != _tensor_digest(tensors):
+        expected = {"directions", "masks"} | (PROBE_TENSORS if meta.get("probe") else set())
+        if set(tensors) != expected or meta.get("tensors_sha256") != _tensor_digest(tensors):
             raise ArtifactError(f"antidote {str(path)!r} failed its checksum: {refit}")
         directions, masks = tensors["directions"], tensors["masks"].bool()
         layers = [int(layer) for layer in meta["layers"]]
@@ -262,6 +269,7 @@ class Antidote:
             stats=meta["stats"],
             chat=meta["chat"],
             provenance=meta["provenance"],
+            probe=HarmProbe.from_parts(meta["probe"], tensors) if meta.get("probe") else None,
         )
         if model is not None:
             antidote.validate(model)
@@ -284,4 +292,5 @@ class Antidote:
             "layer_accuracy": self.stats.get("layer_accuracy", {}),
             "chat": self.chat,
             "provenance": self.provenance,
+            "probe": None if self.probe is None else {"layer": self.probe.layer, **self.probe.report},
         }

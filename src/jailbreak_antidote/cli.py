@@ -330,4 +330,4 @@ def demo(
 
 
 # Evaluation and serving commands live in their own modules; importing them registers them on `app`.
-from . import cli_eval, cli_export, cli_serve  # noqa: E402, F401
+from . import cli_eval, cli_export, cli_probe, cli_serve  # noqa: E402, F401

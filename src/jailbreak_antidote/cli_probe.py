@@ -1,0 +1,67 @@
+"""`antidote probe` (registered in cli.py): add a jailbreak-robust harm probe to an antidote artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import bundled
+from .cli import DtypeOption, ModelOption, _load, app, friendly_errors, out
+from .errors import InvalidParameter
+
+
+@app.command()
+@friendly_errors
+def probe(
+    antidote_path: Annotated[Path, typer.Argument(help="The .antidote file to add the probe to")],
+    model: ModelOption = None,
+    dtype: DtypeOption = "float32",
+    harmful: Annotated[Path | None, typer.Option(help="Harmful prompts [default: the built-in set]")] = None,
+    harmless: Annotated[Path | None, typer.Option(help="Harmless prompts, paired with --harmful")] = None,
+    per_goal: Annotated[int, typer.Option(help="Attack templates wrapped around each instruction")] = 3,
+    validation_fraction: Annotated[float, typer.Option(help="Share of goals held out with held-out templates")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Seed for the split and the template draw")] = 0,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here instead of updating the file in place")
+    ] = None,
+) -> None:
+    """Train a harm probe on template-augmented calibration pairs, choose its layer by AUROC on held-out goals
+    wrapped in held-out attack templates, calibrate it, and store it in the artifact."""
+    from .antidote import Antidote
+    from .cli import _check
+    from .probe import fit_probe
+    from .prompts import builtin_calibration, read_prompts
+
+    if per_goal < 0:
+        raise InvalidParameter(f"--per-goal must be 0 or more, got {per_goal}")
+    if (harmful is None) != (harmless is None):
+        raise InvalidParameter("give both --harmful and --harmless, or neither (to use the built-in set)")
+    antidote = Antidote.load(antidote_path)
+    if harmful is not None and harmless is not None:
+        positives, negatives = read_prompts(harmful), read_prompts(harmless)
+    else:
+        calibration = builtin_calibration()
+        positives, negatives = calibration.harmful, calibration.harmless
+    if model is None and antidote.model.get("name") in bundled.BUNDLED:
+        model = antidote.model["name"]
+    lm, tokenizer = _load(model, dtype)
+    _check(antidote, lm)
+    antidote.probe = fit_probe(
+        lm, tokenizer, positives, negatives, per_goal=per_goal, validation_fraction=validation_fraction, seed=seed
+    )
+    path = antidote.save(out_path or antidote_path)
+    report = antidote.probe.report
+    table = Table(
+        title=f"Harm probe: validation AUROC (held-out goals x held-out templates), layer {antidote.probe.layer}"
+    )
+    table.add_column("attack family")
+    table.add_column("AUROC", justify="right")
+    for family, value in report["validation_auroc_per_family"].items():
+        table.add_row(family, f"{value:.3f}")
+    table.add_row("all", f"{report['validation_auroc']:.3f}")
+    out.print(table)
+    out.print(f"saved {path} (probe on block {antidote.probe.layer}; {report['n_train']} training prompts, "
+              f"{report['n_validation']} validation prompts)")  # fmt: skip

@@ -1,0 +1,91 @@
+"""Harm probe: AUROC, the logistic fit, template augmentation, held-out selection, artifact storage, CLI."""
+
+import json
+
+import pytest
+import torch
+from conftest import HARMFUL, HARMLESS
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from jailbreak_antidote.antidote import Antidote
+from jailbreak_antidote.cli import app
+from jailbreak_antidote.errors import ArtifactError, InvalidParameter
+from jailbreak_antidote.probe import HELD_OUT_ATTACKS, TRAIN_ATTACKS, augmented, auroc, fit_probe, train_logistic
+
+
+def test_auroc_counts_pairs_and_ties():
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
+    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([0, 1])) == 0.5
+    with pytest.raises(InvalidParameter, match="both harmful and harmless"):
+        auroc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+
+
+def test_logistic_regression_separates_a_separable_set():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=generator)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    weight, bias = train_logistic(x, y, l2=1e-3)
+    assert auroc(x @ weight + bias, y) > 0.99
+    assert weight[0] > weight[1] > abs(weight[2])
+
+
+def test_augmentation_wraps_both_sides_in_the_same_templates():
+    data = augmented(HARMFUL[:4], HARMLESS[:4], TRAIN_ATTACKS, per_goal=2, seed=0)
+    assert len(data.prompts) == 4 * 3 * 2
+    for i in range(0, len(data.prompts), 2):  # harmful, then its harmless pair, same template
+        assert data.labels[i : i + 2] == [1, 0] and data.attacks[i] == data.attacks[i + 1]
+    assert set(data.attacks) - {"direct"} <= set(TRAIN_ATTACKS)
+
+
+def test_fit_probe_keeps_templates_and_goals_apart(qwen2, tokenizer):
+    probe = fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, per_goal=2)
+    report = probe.report
+    assert set(report["held_out_attacks"]) == set(HELD_OUT_ATTACKS)
+    assert set(report["validation_auroc_per_attack"]) <= {*HELD_OUT_ATTACKS, "direct"}
+    assert report["validation_auroc"] == max(report["validation_auroc_per_layer"].values())
+    assert str(probe.layer) in report["validation_auroc_per_layer"]
+    states = torch.randn(3, probe.weight.numel())
+    assert ((probe.probability(states) >= 0) & (probe.probability(states) <= 1)).all()
+    with pytest.raises(InvalidParameter, match="both a training and a held-out"):
+        fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, train_attacks=["dan"], held_out_attacks=["dan"])
+
+
+def test_probe_survives_save_and_load_and_is_checksummed(qwen2, tokenizer, qwen2_antidote, tmp_path):
+    antidote = Antidote(**{**qwen2_antidote.__dict__, "probe": fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS)})
+    path = antidote.save(tmp_path / "p.antidote")
+    loaded = Antidote.load(path)
+    assert loaded.probe is not None and loaded.probe.layer == antidote.probe.layer
+    states = torch.randn(4, loaded.probe.weight.numel())
+    torch.testing.assert_close(loaded.probe.probability(states), antidote.probe.probability(states))
+    assert loaded.summary()["probe"]["layer"] == antidote.probe.layer
+    assert Antidote.load(qwen2_antidote.save(tmp_path / "plain.antidote")).probe is None
+    with safe_open(str(path), framework="pt") as handle:  # a probe tensor changed after saving
+        header, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    tensors["probe.weight"] = tensors["probe.weight"] + 1
+    save_file(tensors, tmp_path / "bad.antidote", metadata=header)
+    with pytest.raises(ArtifactError, match="checksum"):
+        Antidote.load(tmp_path / "bad.antidote")
+
+
+def test_probe_cli_adds_a_probe(tmp_path):
+
+    runner = CliRunner()
+    model = tmp_path / "model"
+    from conftest import build_model, build_tokenizer
+
+    build_model("qwen2").save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "s.txt").write_text("\n".join(HARMLESS))
+    files = ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt")]
+    artifact = tmp_path / "a.antidote"
+    assert runner.invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)]).exit_code == 0
+    result = runner.invoke(app, ["probe", str(artifact), "-m", str(model), *files, "--per-goal", "1"])
+    assert result.exit_code == 0, result.output
+    assert "AUROC" in result.output
+    summary = json.loads(runner.invoke(app, ["inspect", str(artifact), "--json"]).output)
+    assert summary["probe"]["validation_auroc"] >= 0
+    result = runner.invoke(app, ["probe", str(artifact), "-m", str(model), "--harmful", str(tmp_path / "h.txt")])
+    assert result.exit_code == 2 and "both --harmful and --harmless" in result.output
