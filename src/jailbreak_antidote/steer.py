@@ -8,7 +8,8 @@ Padding is found from the attention mask that the decoder stack receives (captur
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,38 @@ from .blocks import find_decoder
 from .errors import InvalidParameter
 
 Alpha = float | int | torch.Tensor
+MODES = ("fixed", "gated", "scaled")
+
+
+@dataclass
+class Gate:
+    """Adaptive strength from a harm probe read during the prompt's forward pass (no second pass).
+
+    `probability(states)` maps block `layer`'s output at the last prompt token to p(harmful). Each row's
+    alpha is multiplied by 1 (fixed), by [p >= threshold] (gated) or by p (scaled). The score exists only
+    once block `layer` has run on the prompt, so in the gated and scaled modes the prompt tokens are steered
+    only at the blocks after `layer`; generated tokens are steered at every selected block. In the fixed
+    mode (the paper) every block is steered as without a gate, and the score is only reported (it is then
+    read from an already steered state).
+    """
+
+    layer: int
+    probability: Callable[[torch.Tensor], torch.Tensor]
+    mode: str = "gated"
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidParameter(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.threshold, bool) or not 0 <= float(self.threshold) <= 1:
+            raise InvalidParameter(f"threshold must be in [0, 1], got {self.threshold!r}")
+
+    def factor(self, probability: torch.Tensor) -> torch.Tensor:
+        if self.mode == "gated":
+            return (probability >= self.threshold).float()
+        if self.mode == "scaled":
+            return probability.float()
+        return torch.ones_like(probability, dtype=torch.float32)
 
 
 def check_alpha(alpha: Alpha) -> float | torch.Tensor:
@@ -47,6 +80,15 @@ def _attention_mask(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tens
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
+def _input_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None and args and isinstance(args[0], torch.Tensor):
+        tokens = args[0]
+    return int(tokens.shape[1]) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else 1
+
+
 class Steering:
     """Hooks that steer `model` with `vectors` ({block index: vector}) at strength `alpha`.
 
@@ -54,7 +96,9 @@ class Steering:
     `set_alpha` changes the strength between forward passes without touching the hooks.
     """
 
-    def __init__(self, model: nn.Module, vectors: Mapping[int, torch.Tensor], alpha: Alpha = 1.0):
+    def __init__(
+        self, model: nn.Module, vectors: Mapping[int, torch.Tensor], alpha: Alpha = 1.0, gate: Gate | None = None
+    ):
         stack, blocks = find_decoder(model)
         bad = [layer for layer in vectors if not 0 <= layer < len(blocks)]
         if bad:
@@ -64,8 +108,15 @@ class Steering:
         self._mask: torch.Tensor | None = None
         self._scale: float | torch.Tensor | None = None  # per forward call: alpha times non-padding mask
         self._deltas: dict[int, torch.Tensor] = {}
+        self.gate = gate
+        self.scores: torch.Tensor | None = None  # the gate's p(harmful) per row, from the last prompt pass
+        self._factor: torch.Tensor | None = None  # the gate's per-row multiplier; None until the probe ran
         self.set_alpha(alpha)
         self._handles = [stack.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
+        if gate is not None:  # registered first: it reads block `gate.layer` before that block is steered
+            if not 0 <= gate.layer < len(blocks):
+                raise InvalidParameter(f"probe layer {gate.layer} does not exist; the model has {len(blocks)} blocks")
+            self._handles.append(blocks[gate.layer].register_forward_hook(self._probe_hook))
         self._handles += [blocks[layer].register_forward_hook(self._hook(layer)) for layer in self._vectors]
 
     @property
@@ -77,9 +128,29 @@ class Steering:
         if isinstance(self._alpha, float):  # the common case: precompute alpha * v once, not every token
             self._deltas = {layer: self._alpha * v for layer, v in self._vectors.items()}
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Batch rows `index` continue (the others finished): subset per-row alpha, gate factor and scores."""
+        if isinstance(self._alpha, torch.Tensor):
+            self.set_alpha(self._alpha[index.cpu()])
+        if self._factor is not None:
+            self._factor = self._factor[index.to(self._factor.device)]
+        if self.scores is not None:
+            self.scores = self.scores[index.cpu()]
+
     def _capture_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._mask = _attention_mask(args, kwargs)
         self._scale = None
+        if self.gate is not None and _input_length(args, kwargs) > 1:  # a new prompt: its score is not known yet
+            self._factor = None
+
+    def _probe_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        hidden = block_output(output)
+        if self._factor is not None or hidden.shape[1] <= 1:
+            return
+        assert self.gate is not None
+        self.scores = self.gate.probability(hidden[:, -1, :].float().cpu())  # left padding: last prompt token
+        self._factor = self.gate.factor(self.scores).to(hidden.device)
+        self._scale = None  # the rest of this pass is steered with the gated strength
 
     def _scale_for(self, hidden: torch.Tensor) -> float | torch.Tensor:
         batch, length = hidden.shape[:2]
@@ -90,7 +161,9 @@ class Steering:
             mask = mask[:, -length:]  # with a KV cache the mask covers past + current positions
             if bool(mask.all()):
                 mask = None
-        alpha = self._alpha
+        alpha: float | torch.Tensor = self._alpha
+        if self._factor is not None:
+            alpha = self._factor.float().cpu() * alpha
         if isinstance(alpha, float) and mask is None:
             return alpha
         if isinstance(alpha, torch.Tensor) and alpha.shape[0] != batch:
@@ -102,6 +175,8 @@ class Steering:
     def _hook(self, layer: int):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden = block_output(output)
+            if self.gate is not None and self._factor is None and self.gate.mode != "fixed":
+                return output  # prompt blocks before the probe: strength not known yet
             if self._scale is None:
                 self._scale = self._scale_for(hidden)
             if isinstance(self._scale, float):

@@ -257,7 +257,7 @@ class BatchEngine:
                 rows, mask, positions, alphas = [rows[i] for i in keep], mask[index], positions[index], alphas[index]
                 tokens = [tokens[i] for i in keep]
                 if steering is not None:
-                    steering.set_alpha(_alpha_argument(alphas))
+                    steering.keep_rows(index)
             ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
