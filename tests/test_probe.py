@@ -89,3 +89,22 @@ def test_probe_cli_adds_a_probe(tmp_path):
     assert summary["probe"]["validation_auroc"] >= 0
     result = runner.invoke(app, ["probe", str(artifact), "-m", str(model), "--harmful", str(tmp_path / "h.txt")])
     assert result.exit_code == 2 and "both --harmful and --harmless" in result.output
+
+
+def test_generate_reports_harm_scores_and_gates_by_them(qwen2, tokenizer, qwen2_antidote):
+    from jailbreak_antidote.generate import generate_answers
+
+    probe = fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, per_goal=1)
+    antidote = Antidote(**{**qwen2_antidote.__dict__, "probe": probe})
+    prompts = [HARMFUL[0], HARMLESS[0]]
+    alpha = 4 * antidote.suggested_alpha
+    plain = generate_answers(qwen2, tokenizer, prompts, max_new_tokens=5)
+    closed = generate_answers(qwen2, tokenizer, prompts, antidote=antidote, alphas=alpha, max_new_tokens=5,
+                              mode="gated", threshold=1.0)  # fmt: skip
+    assert [a.text for a in closed] == [a.text for a in plain]  # nothing reaches probability 1.0
+    assert all(0 <= a.harm_score <= 1 for a in closed) and plain[0].harm_score is None
+    opened = generate_answers(qwen2, tokenizer, prompts, antidote=antidote, alphas=alpha, max_new_tokens=5,
+                              mode="gated", threshold=0.0)  # fmt: skip
+    assert [a.text for a in opened] != [a.text for a in plain]
+    with pytest.raises(InvalidParameter, match="needs a harm probe"):
+        generate_answers(qwen2, tokenizer, prompts, antidote=qwen2_antidote, mode="scaled")

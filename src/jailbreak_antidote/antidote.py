@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import ArtifactError, ArtifactMismatch, InvalidParameter
 from .probe import HarmProbe
-from .steer import Alpha, Steering
+from .steer import MODES, Alpha, Gate, Steering
 
 FORMAT = "jailbreak-antidote"
 FORMAT_VERSION = 1
@@ -174,12 +174,39 @@ class Antidote:
                     f"({expected.get('architecture')}), whose weights differ from this model's; {fix}"
                 )
 
-    def applied(self, model: nn.Module, alpha: Alpha | None = None, *, validate: bool = True) -> Steering:
+    def applied(
+        self,
+        model: nn.Module,
+        alpha: Alpha | None = None,
+        *,
+        validate: bool = True,
+        mode: str = "fixed",
+        threshold: float = 0.5,
+    ) -> Steering:
         """Context manager that steers `model` (alpha: number or one value per batch row; default: the
-        suggested alpha). Hooks are removed on exit, also after an exception."""
+        suggested alpha). Hooks are removed on exit, also after an exception.
+
+        mode: "fixed" (the paper: alpha everywhere), "gated" (alpha only for prompts whose harm probability
+        is at least `threshold`) or "scaled" (alpha times that probability); the adaptive modes need a harm
+        probe (`antidote probe`). With a probe, the steering's `scores` hold each row's probability."""
         if validate:
             self.validate(model)
-        return Steering(model, self.vectors(), self.suggested_alpha if alpha is None else alpha)
+        return Steering(
+            model, self.vectors(), self.suggested_alpha if alpha is None else alpha, gate=self.gate(mode, threshold)
+        )
+
+    def gate(self, mode: str = "fixed", threshold: float = 0.5) -> Gate | None:
+        """The run-time gate for `mode` from the harm probe (None: plain fixed steering, no probe)."""
+        if mode not in MODES:
+            raise InvalidParameter(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if self.probe is None:
+            if mode != "fixed":
+                raise InvalidParameter(
+                    f"mode {mode!r} needs a harm probe, and this antidote has none; add one with "
+                    "`antidote probe FILE` (or use mode 'fixed')"
+                )
+            return None
+        return Gate(self.probe.layer, self.probe.probability, mode, threshold)
 
     def maybe_applied(self, model: nn.Module, alpha: float) -> contextlib.AbstractContextManager:
         """`applied` without validation, or a no-op context when alpha is 0 (evaluation helpers)."""

@@ -238,6 +238,10 @@ def generate(
     system: SystemOption = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples")] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    mode: Annotated[
+        str, typer.Option(help="fixed (alpha everywhere), gated or scaled (by the artifact's harm probe)")
+    ] = "fixed",
+    threshold: Annotated[float, typer.Option(help="Harm probability from which the gated mode steers")] = 0.5,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response")
     ] = None,
@@ -256,24 +260,31 @@ def generate(
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is None and alpha:
         raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
+    if antidote is not None:
+        antidote.gate(mode, threshold)  # a bad mode, threshold or a missing probe fails before the model loads
     alphas = alpha or ([antidote.suggested_alpha] if antidote else [0.0])
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype, backend)
     rows = generate_grid(
         lm, tokenizer, texts, alphas, antidote=antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True,
+        system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True, mode=mode,
+        threshold=threshold,
     )  # fmt: skip
     if out_path is not None:
         _write_jsonl_atomic(out_path, rows)
         err.print(f"wrote {len(rows)} rows to {out_path}")
+    scored = "harm_score" in rows[0]
     table = Table(show_lines=True)
     table.add_column("prompt", max_width=40)
+    if scored:
+        table.add_column("harm p")
     for value in alphas:
-        table.add_column(f"alpha {value:g}" if antidote else "response")
+        table.add_column(f"alpha {value:g}" + (f" ({mode})" if mode != "fixed" else "") if antidote else "response")
     for i, text in enumerate(texts):
-        answers = [row["response"] for row in rows[i * len(alphas) : (i + 1) * len(alphas)]]
-        table.add_row(text, *answers)
+        group = rows[i * len(alphas) : (i + 1) * len(alphas)]
+        score = [f"{group[-1]['harm_score']:.2f}"] if scored else []
+        table.add_row(text, *score, *[row["response"] for row in group])
     out.print(table)
 
 

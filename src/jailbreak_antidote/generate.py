@@ -30,8 +30,21 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    harm_score: float | None = None  # the harm probe's p(harmful) for the prompt, when the antidote has one
+
+
 def generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Chat], **kwargs
+) -> list[str]:
+    """Answer each prompt; see `generate_answers` for the options. Returns the answer texts."""
+    return [answer.text for answer in generate_answers(model, tokenizer, prompts, **kwargs)]
+
+
+@torch.no_grad()
+def generate_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Chat],
@@ -43,20 +56,26 @@ def generate(
     system: str | None = None,
     sampling: Sampling | None = None,
     show_progress: bool = False,
-) -> list[str]:
+    mode: str = "fixed",
+    threshold: float = 0.5,
+) -> list[Answer]:
     """Answer each prompt (a user message or a list of chat messages).
 
     With an antidote, prompt i is steered at alphas[i] (or one alpha for all; default: the antidote's
-    suggested alpha). Rows of different alpha share batches."""
+    suggested alpha). Rows of different alpha share batches. `mode` and `threshold`: see `Antidote.applied`;
+    with a harm probe in the antidote each answer carries its prompt's harm score."""
     if max_new_tokens < 1:
         raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if getattr(model, "backend_name", "transformers") == "llamacpp":  # a LlamaCppModel: same contract
         from .llamacpp import llamacpp_generate
 
-        return llamacpp_generate(
+        if mode != "fixed":
+            raise InvalidParameter(f"mode {mode!r} (harm probe) needs the transformers backend")
+        texts = llamacpp_generate(
             model, prompts, antidote=antidote, alphas=alphas, max_new_tokens=max_new_tokens, system=system,
             sampling=sampling,
         )  # fmt: skip
+        return [Answer(text) for text in texts]
     if batch_size < 1:
         raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
     sampling = sampling or Sampling()
@@ -68,9 +87,10 @@ def generate(
     alpha_values = [check_alpha(a) for a in alphas]
     if antidote is not None:
         antidote.validate(model)
+        antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # less padding per batch
-    answers = [""] * len(prompts)
+    answers = [Answer("")] * len(prompts)
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("generating", total=len(prompts))
@@ -81,15 +101,19 @@ def generate(
             kwargs = dict(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()
             )
+            scores: list[float | None] = [None] * len(index)
             if antidote is None:
                 output = model.generate(**kwargs)
             else:
                 row_alpha = torch.tensor([alpha_values[i] for i in index])
-                with antidote.applied(model, row_alpha, validate=False):
+                with antidote.applied(model, row_alpha, validate=False, mode=mode, threshold=threshold) as steering:
                     output = model.generate(**kwargs)
+                if steering.scores is not None:
+                    scores = [round(float(x), 4) for x in steering.scores]
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            for i, text in zip(index, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[i] = text.strip()
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i, text, score in zip(index, texts, scores):
+                answers[i] = Answer(text.strip(), score)
             progress.advance(task, len(index))
     return answers
 
@@ -105,5 +129,11 @@ def generate_grid(
 ) -> list[dict[str, object]]:
     """Every (prompt, alpha) combination in shared batches; rows ordered by prompt, then alpha."""
     rows = [(p, a) for p in prompts for a in alphas]
-    answers = generate(model, tokenizer, [p for p, _ in rows], antidote=antidote, alphas=[a for _, a in rows], **kwargs)
-    return [{"prompt": p, "alpha": a, "response": r} for (p, a), r in zip(rows, answers)]
+    answers = generate_answers(
+        model, tokenizer, [p for p, _ in rows], antidote=antidote, alphas=[a for _, a in rows], **kwargs
+    )
+    return [
+        {"prompt": p, "alpha": a, "response": answer.text}
+        | ({"harm_score": answer.harm_score} if answer.harm_score is not None else {})
+        for (p, a), answer in zip(rows, answers)
+    ]
