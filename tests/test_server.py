@@ -215,3 +215,47 @@ def _metric(served, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_harm_probe_modes_per_request(tokenizer, qwen2_antidote, tmp_path):
+    from conftest import HARMFUL, HARMLESS
+
+    from jailbreak_antidote.antidote import Antidote
+    from jailbreak_antidote.probe import fit_probe
+
+    model = build_model("qwen2")
+    probed = Antidote(
+        **{**qwen2_antidote.__dict__, "probe": fit_probe(model, tokenizer, HARMFUL, HARMLESS, per_goal=1)}
+    )
+    high = 4 * probed.suggested_alpha
+    config = ServerConfig(model_name="tiny", alpha_max=high, max_tokens=16, default_max_tokens=8,
+                          request_log=tmp_path / "log.jsonl")  # fmt: skip
+    server = RunningServer(model, tokenizer, probed, config)
+    try:
+
+        def ask(**antidote):
+            body = {"messages": [{"role": "user", "content": HARMFUL[0]}], "max_tokens": 8, "antidote": antidote}
+            return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+
+        plain = ask(alpha=0.0)
+        closed = ask(alpha=high, mode="gated", threshold=1.0)
+        opened = ask(alpha=high, mode="gated", threshold=0.0)
+        fixed = ask(alpha=high)
+        assert 0 <= plain["antidote"]["harm_score"] <= 1
+        assert plain["antidote"]["harm_score"] == closed["antidote"]["harm_score"] == opened["antidote"]["harm_score"]
+        assert closed["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        assert opened["choices"][0]["message"]["content"] != plain["choices"][0]["message"]["content"]
+        assert fixed["antidote"]["mode"] == "fixed" and opened["antidote"]["mode"] == "gated"
+        logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert [entry["mode"] for entry in logged] == ["fixed", "gated", "gated", "fixed"]
+        assert all(entry["harm_score"] is not None for entry in logged)
+        bad = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                         "antidote": {"mode": "gated", "threshold": 2}})  # fmt: skip
+        assert bad.status_code == 400 and "threshold" in bad.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_modes_need_a_probe(served):
+    response = served.post({"messages": [{"role": "user", "content": "hi"}], "antidote": {"mode": "scaled"}})
+    assert response.status_code == 400 and "harm probe" in response.json()["error"]["message"]

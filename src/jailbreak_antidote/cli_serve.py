@@ -30,6 +30,10 @@ def serve(
     alpha_max: Annotated[
         float | None, typer.Option(help="Largest alpha a request may ask for [default: the artifact's range top]")
     ] = None,
+    mode: Annotated[
+        str, typer.Option(help="Default mode: fixed, or gated / scaled by the artifact's harm probe")
+    ] = "fixed",
+    threshold: Annotated[float, typer.Option(help="Default harm probability from which gated mode steers")] = 0.5,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
@@ -77,8 +81,12 @@ def serve(
         high = check_alpha(alpha_max if alpha_max is not None else max(antidote.alpha.get("range", [0, 0])[1], default))
         if not low <= default <= high:
             raise InvalidParameter(f"--alpha {default} is outside [--alpha-min {low}, --alpha-max {high}]")
+        antidote.gate(mode, threshold)  # a bad mode or threshold, or no probe for gated / scaled
+    if mode != "fixed" and (antidote is None or backend == "llamacpp"):
+        raise InvalidParameter("--mode gated / scaled needs an antidote with a harm probe on the transformers backend")
     config = ServerConfig(
-        model_name=served_model_name or name, default_alpha=float(default), alpha_min=float(low),
+        model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
+        default_threshold=threshold, alpha_min=float(low),
         alpha_max=float(high), api_key=api_key, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
         max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
     )  # fmt: skip

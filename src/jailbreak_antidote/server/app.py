@@ -39,6 +39,8 @@ CHAT_PATH = "/v1/chat/completions"
 class ServerConfig:
     model_name: str
     default_alpha: float = 0.0
+    default_mode: str = "fixed"
+    default_threshold: float = 0.5
     alpha_min: float = 0.0
     alpha_max: float = 0.0
     api_key: str | None = None
@@ -66,6 +68,7 @@ def create_app(
     engine = _engine(model, tokenizer, antidote, config, metrics)
     log = RequestLog(config.request_log, config.log_prompts)
     context = getattr(model, "context_length", None) or getattr(model.config, "max_position_embeddings", None)
+    on_llamacpp = getattr(model, "backend_name", "transformers") == "llamacpp"
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -129,7 +132,8 @@ def create_app(
         if antidote is not None:
             card["antidote"] = {
                 "default_alpha": config.default_alpha, "alpha_range": [config.alpha_min, config.alpha_max],
-                "layers": len(antidote.layers), "k": antidote.k,
+                "default_mode": config.default_mode, "default_threshold": config.default_threshold,
+                "harm_probe": antidote.probe is not None, "layers": len(antidote.layers), "k": antidote.k,
             }  # fmt: skip
         return {"object": "list", "data": [card]}
 
@@ -168,7 +172,13 @@ def create_app(
         if body.model not in (None, config.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
                            param="model", kind="not_found_error")  # fmt: skip
-        alpha = body.antidote.alpha if body.antidote and body.antidote.alpha is not None else config.default_alpha
+        options = body.antidote
+        alpha = options.alpha if options and options.alpha is not None else config.default_alpha
+        mode = options.mode if options and options.mode is not None else config.default_mode
+        threshold = options.threshold if options and options.threshold is not None else config.default_threshold
+        if mode != "fixed" and (antidote is None or antidote.probe is None or on_llamacpp):
+            raise ApiError(400, f"antidote.mode {mode!r} needs an antidote with a harm probe (`antidote probe`) on "
+                           "the transformers backend; use mode 'fixed'", "antidote.mode")  # fmt: skip
         if antidote is None and alpha != 0:
             raise ApiError(400, "this server runs without an antidote; antidote.alpha must be 0", "antidote.alpha")
         if not config.alpha_min <= alpha <= config.alpha_max:
@@ -190,7 +200,8 @@ def create_app(
                            f"model's context of {context} tokens", "messages")  # fmt: skip
         return GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens, alpha=float(alpha), temperature=body.temperature,
-            top_p=body.top_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
+            top_p=body.top_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos, mode=mode,
+            threshold=threshold,
         )  # fmt: skip
 
     async def _stream(events: asyncio.Queue, record: _Record) -> AsyncIterator[str]:
@@ -251,7 +262,8 @@ class _Record:
         if self.refusal:
             self.metrics.refusals.inc()
         entry = {
-            "id": self.request_id, "alpha": self.job.alpha, "prompt_tokens": len(self.job.prompt_ids),
+            "id": self.request_id, "alpha": self.job.alpha, "mode": self.job.mode, "harm_score": event.harm_score,
+            "prompt_tokens": len(self.job.prompt_ids),
             "completion_tokens": event.completion_tokens, "latency_s": round(latency, 4),
             "finish_reason": event.finish_reason, "refusal": self.refusal, "stream": stream,
         }  # fmt: skip
@@ -278,7 +290,8 @@ def _completion(request_id: str, model: str, event: Finished, job: GenerationReq
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                      "finish_reason": event.finish_reason, "logprobs": None}],
-        "usage": _usage(job, event), "antidote": {"alpha": job.alpha, "refusal": refusal},
+        "usage": _usage(job, event),
+        "antidote": {"alpha": job.alpha, "mode": job.mode, "harm_score": event.harm_score, "refusal": refusal},
     }  # fmt: skip
 
 

@@ -38,6 +38,7 @@ class Finished:
     finish_reason: str
     completion_tokens: int
     error: str | None = None
+    harm_score: float | None = None  # the harm probe's p(harmful) for the prompt, if the antidote has a probe
 
 
 Event = Delta | Finished
@@ -55,6 +56,8 @@ class GenerationRequest:
     seed: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    mode: str = "fixed"  # fixed | gated | scaled (needs the antidote's harm probe)
+    threshold: float = 0.5
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -73,6 +76,7 @@ class DecodeRow:
             seed = request.seed if request.seed is not None else int(torch.seed() % 2**63)
             self.generator = torch.Generator().manual_seed(seed)
         self.holdback = max((len(s) for s in request.stop), default=1) - 1
+        self.harm_score: float | None = None
 
     def add(self, token: int, eos_ids: set[int]) -> str | None:
         """Take one token; return the finish reason when this row is done."""
@@ -100,7 +104,7 @@ class DecodeRow:
 
     def finish(self, reason: str) -> None:
         self._stream(final=True)
-        self.request.on_event(Finished(self.text, reason, len(self.tokens)))
+        self.request.on_event(Finished(self.text, reason, len(self.tokens), harm_score=self.harm_score))
 
 
 def choose_tokens(logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
@@ -157,6 +161,7 @@ class BatchEngine:
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._held: list[GenerationRequest] = []  # taken from the queue, waiting for a batch of their gate
         self.eos_ids = eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
 
@@ -176,27 +181,41 @@ class BatchEngine:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; raises queue.Full when the server is saturated (the caller answers 429)."""
         self._queue.put_nowait(request)
 
     # ----- worker ---------------------------------------------------------------------------------
-    def _work(self) -> None:
-        while not self._stopping.is_set():
+    def _next_batch(self) -> list[GenerationRequest]:
+        """Requests that can share a batch: same gate (mode and threshold); others wait for the next one."""
+        if self._held:
+            first = self._held.pop(0)
+        else:
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
+                return []
+        gate = (first.mode, first.threshold)
+        batch, others = [first], []
+        for request in self._held:
+            (batch if (request.mode, request.threshold) == gate and len(batch) < self.max_batch else others).append(
+                request
+            )
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            (batch if (request.mode, request.threshold) == gate else others).append(request)
+        self._held = others
+        return [r for r in batch if not r.cancelled.is_set()]
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            batch = self._next_batch()
             if not batch:
                 continue
             self.on_batch(len(batch))
@@ -217,8 +236,10 @@ class BatchEngine:
             mask[i, length - len(request.prompt_ids) :] = 1
         alphas = torch.tensor([r.alpha for r in requests], dtype=torch.float32)
         steering = None
-        if self.antidote is not None and bool((alphas != 0).any()):
-            steering = Steering(self.model, self.antidote.vectors(), _alpha_argument(alphas))
+        # Steer when some row has alpha; with a harm probe always (alpha-0 rows are untouched: + 0 * v).
+        if self.antidote is not None and (bool((alphas != 0).any()) or self.antidote.probe is not None):
+            gate = self.antidote.gate(requests[0].mode, requests[0].threshold)
+            steering = Steering(self.model, self.antidote.vectors(), _alpha_argument(alphas), gate=gate)
         try:
             self._decode(rows, ids, mask, alphas, steering)
         finally:
@@ -241,6 +262,9 @@ class BatchEngine:
                 position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
             )  # fmt: skip
             cache = returned_cache(output)
+            if steering is not None and steering.scores is not None and rows[0].harm_score is None:
+                for row, score in zip(rows, steering.scores.tolist()):
+                    row.harm_score = round(score, 4)
             tokens = choose_tokens(output.logits[:, -1, :], rows)
             keep = []
             for i, (row, token) in enumerate(zip(rows, tokens)):

@@ -26,6 +26,8 @@ class AntidoteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: float | None = Field(default=None, allow_inf_nan=False, description="Steering strength for this request")
+    mode: Literal["fixed", "gated", "scaled"] | None = Field(default=None, description="How the harm probe sets it")
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Gated mode")
 
 
 class StreamOptions(BaseModel):
