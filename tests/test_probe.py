@@ -108,3 +108,33 @@ def test_generate_reports_harm_scores_and_gates_by_them(qwen2, tokenizer, qwen2_
     assert [a.text for a in opened] != [a.text for a in plain]
     with pytest.raises(InvalidParameter, match="needs a harm probe"):
         generate_answers(qwen2, tokenizer, prompts, antidote=qwen2_antidote, mode="scaled")
+
+
+def test_eval_runs_the_adaptive_defenses_and_reports_probe_auroc(tmp_path):
+    from conftest import build_model, build_tokenizer
+
+    runner = CliRunner()
+    model = tmp_path / "model"
+    build_model("qwen2").save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "s.txt").write_text("\n".join(HARMLESS))
+    files = ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt")]
+    artifact = tmp_path / "a.antidote"
+    assert runner.invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)]).exit_code == 0
+    goals = tmp_path / "goals.txt"
+    goals.write_text("\n".join(HARMFUL[:3]))
+    common = ["eval", "-m", str(model), "-a", str(artifact), "--goals", str(goals), "--attacks", "direct,dan",
+              "--max-new-tokens", "3", "--benign-limit", "4"]  # fmt: skip
+    result = runner.invoke(app, [*common, "--defenses", "antidote-gated", "--out", str(tmp_path / "no")])
+    assert result.exit_code == 2 and "needs a harm probe" in result.output
+    assert runner.invoke(app, ["probe", str(artifact), "-m", str(model), *files, "--per-goal", "1"]).exit_code == 0
+    result = runner.invoke(app, [*common, "--defenses", "none,antidote-gated,antidote-scaled", "--threshold", "0.3",
+                                 "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    assert {r["defense"] for r in rows} == {"none", "antidote-gated", "antidote-scaled"}
+    assert all(0 <= r["details"]["harm_score"] <= 1 for r in rows if r["defense"] != "none")
+    assert rows[0]["config"]["threshold"] == 0.3
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Harm probe AUROC per attack family" in report and "role-play" in report

@@ -70,10 +70,10 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 
 def _run(
     *, model, dtype, backend, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens,
-    batch_size, limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1,
+    batch_size, limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1, threshold=0.5,
 ) -> None:  # fmt: skip
     from .antidote import Antidote
-    from .eval.defenses import STEERED, DefenseRunner, build_settings
+    from .eval.defenses import MODE_OF, STEERED, DefenseRunner, build_settings
     from .eval.report import build_report
     from .eval.runner import Evaluation, RunConfig, file_sha256
     from .generate import Sampling
@@ -88,6 +88,9 @@ def _run(
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is None and any(d in STEERED for d in defenses):
         raise InvalidParameter("the antidote defenses need --antidote PATH (create one with `antidote fit`)")
+    for defense in defenses:
+        if defense in MODE_OF and antidote is not None:
+            antidote.gate(MODE_OF[defense], threshold)  # needs a harm probe; fail before the model loads
     if antidote is not None:
         if factors is not None:
             alphas = [round(f * antidote.suggested_alpha, 4) for f in factors]
@@ -105,14 +108,14 @@ def _run(
     config = RunConfig(
         model=lm.name if on_llamacpp else str(lm.config.antidote_source),
         model_sha256=file_sha256(lm.gguf_path) if on_llamacpp else weights_digest(lm),
-        dtype="gguf" if on_llamacpp else dtype, backend=backend,
+        dtype="gguf" if on_llamacpp else dtype, backend=backend, threshold=threshold,
         antidote_sha256=file_sha256(antidote_path) if antidote_path else None,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
     )  # fmt: skip
     runner = DefenseRunner(
         lm, tokenizer, antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
         sampling=Sampling(temperature=temperature, seed=seed),
-        perplexity_reference=builtin_calibration().harmless,
+        perplexity_reference=builtin_calibration().harmless, threshold=threshold,
     )  # fmt: skip
     err.print(
         f"{len(attack_prompts)} attack prompts x {len(settings)} settings, "
@@ -155,8 +158,9 @@ def eval_command(
     defenses: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: none, antidote, antidote+self-reminder, "
-            "self-reminder, icd, smoothllm, perplexity, paraphrase, dense-antidote"
+            help="Comma-separated: none, antidote, antidote+self-reminder, self-reminder, icd, smoothllm, "
+            "perplexity, paraphrase, dense-antidote, antidote-gated, antidote-scaled (the last two need a harm "
+            "probe: `antidote probe`)"
         ),
     ] = "none,antidote",
     alpha: Annotated[list[float] | None, typer.Option(help="Antidote strength(s) [default: suggested]")] = None,
@@ -171,6 +175,7 @@ def eval_command(
     benign_limit: BenignLimitOption = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples with --seed")] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    threshold: Annotated[float, typer.Option(help="Harm probability from which antidote-gated steers")] = 0.5,
 ) -> None:
     """Attack success and defense success per attack and defense, plus benign compliance; resumable."""
     _run(
@@ -178,7 +183,7 @@ def eval_command(
         defenses=_split(defenses),
         alphas=alpha, ks=k, selectors=selector or ["top"], out_dir=out_dir, max_new_tokens=max_new_tokens,
         batch_size=batch_size, limit=limit, benign=benign, xstest=xstest, benign_limit=benign_limit,
-        temperature=temperature, seed=seed, stride=stride,
+        temperature=temperature, seed=seed, stride=stride, threshold=threshold,
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
 from ..errors import InvalidParameter
-from ..generate import Sampling, generate
+from ..generate import Sampling, generate_answers
 from ..models import Chat, render_prompt
 from .judges import is_refusal
 
@@ -49,8 +49,12 @@ DEFENSES = (
     "perplexity",
     "paraphrase",
     "dense-antidote",
+    "antidote-gated",
+    "antidote-scaled",
 )
-STEERED = {"antidote", "antidote+self-reminder", "dense-antidote"}
+STEERED = {"antidote", "antidote+self-reminder", "dense-antidote", "antidote-gated", "antidote-scaled"}
+# The adaptive defenses: the antidote's strength set per prompt by its harm probe (`antidote probe`).
+MODE_OF = {"antidote-gated": "gated", "antidote-scaled": "scaled"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class DefenseRunner:
     batch_size: int = 16
     sampling: Sampling = field(default_factory=Sampling)
     perplexity_reference: Sequence[str] = ()  # benign prompts that set the perplexity filter's threshold
+    threshold: float = 0.5  # harm probability from which antidote-gated steers
     _perplexity_threshold: float | None = None
 
     def run(self, setting: Setting, prompts: Sequence[str]) -> list[Outcome]:
@@ -102,11 +107,16 @@ class DefenseRunner:
 
     # ----- helpers ------------------------------------------------------------------------------------
     def _generate(self, chats: Sequence[Chat], setting: Setting | None = None) -> list[str]:
+        return [answer.text for answer in self._answers(chats, setting)]
+
+    def _answers(self, chats: Sequence[Chat], setting: Setting | None = None):
         antidote = self.steering_antidote(setting) if setting is not None else None
-        return generate(
+        mode = MODE_OF.get(setting.defense, "fixed") if setting is not None else "fixed"
+        return generate_answers(
             self.model, self.tokenizer, chats, antidote=antidote,
             alphas=setting.alpha if antidote is not None else None,
-            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, sampling=self.sampling,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, sampling=self.sampling, mode=mode,
+            threshold=self.threshold,
         )  # fmt: skip
 
     def steering_antidote(self, setting: Setting) -> Antidote | None:
@@ -140,9 +150,12 @@ class DefenseRunner:
         return [Outcome(r) for r in self._generate(prompts)]
 
     def _antidote(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        return [Outcome(r) for r in self._generate(prompts, setting)]
+        answers = self._answers(prompts, setting)
+        return [Outcome(a.text, details={} if a.harm_score is None else {"harm_score": a.harm_score}) for a in answers]
 
     _dense_antidote = _antidote
+    _antidote_gated = _antidote
+    _antidote_scaled = _antidote
 
     def _antidote_self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         chats: list[Chat] = [self._reminded(p) for p in prompts]

@@ -49,6 +49,7 @@ class RunConfig:
     seed: int
     dtype: str = "float32"
     backend: str = "transformers"
+    threshold: float = 0.5  # antidote-gated's harm-probability threshold
 
     def describe_difference(self, other: dict[str, Any]) -> str:
         mine = asdict(self)
@@ -105,6 +106,7 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
         existing = json.loads(config_path.read_text())
         existing.setdefault("dtype", "float32")  # directories written before these options existed
         existing.setdefault("backend", "transformers")
+        existing.setdefault("threshold", 0.5)
         if existing != asdict(config):
             raise InvalidParameter(
                 f"{out_dir} holds rows from a different configuration ({config.describe_difference(existing)}); "
