@@ -98,6 +98,23 @@ class Antidote:
     def suggested_alpha(self) -> float:
         return float(self.alpha.get("suggested", 1.0))
 
+    @property
+    def tuned(self) -> dict[str, Any] | None:
+        """The operating point `antidote tune` chose (mode, alpha, threshold), if it was run."""
+        return self.alpha.get("tuned")
+
+    @property
+    def default_alpha(self) -> float:
+        """What generate, eval and serve use when no alpha is given: the tuned alpha, else the suggested one."""
+        return float(self.tuned["alpha"]) if self.tuned else self.suggested_alpha
+
+    @property
+    def default_mode(self) -> tuple[str, float]:
+        """(mode, threshold) used when none is given: the tuned ones, else ("fixed", 0.5)."""
+        if self.tuned:
+            return str(self.tuned["mode"]), float(self.tuned.get("threshold") or 0.5)
+        return "fixed", 0.5
+
     def vectors(self) -> dict[int, torch.Tensor]:
         """{block index: the sparse vector added per unit of alpha}."""
         sparse = self.directions * self.masks
@@ -184,7 +201,8 @@ class Antidote:
         threshold: float = 0.5,
     ) -> Steering:
         """Context manager that steers `model` (alpha: number or one value per batch row; default: the
-        suggested alpha). Hooks are removed on exit, also after an exception.
+        tuned alpha if `antidote tune` ran, else the suggested one). Hooks are removed on exit, also after an
+        exception.
 
         mode: "fixed" (the paper: alpha everywhere), "gated" (alpha only for prompts whose harm probability
         is at least `threshold`) or "scaled" (alpha times that probability); the adaptive modes need a harm
@@ -192,7 +210,7 @@ class Antidote:
         if validate:
             self.validate(model)
         return Steering(
-            model, self.vectors(), self.suggested_alpha if alpha is None else alpha, gate=self.gate(mode, threshold)
+            model, self.vectors(), self.default_alpha if alpha is None else alpha, gate=self.gate(mode, threshold)
         )
 
     def gate(self, mode: str = "fixed", threshold: float = 0.5) -> Gate | None:

@@ -239,9 +239,12 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples")] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     mode: Annotated[
-        str, typer.Option(help="fixed (alpha everywhere), gated or scaled (by the artifact's harm probe)")
-    ] = "fixed",
-    threshold: Annotated[float, typer.Option(help="Harm probability from which the gated mode steers")] = 0.5,
+        str | None,
+        typer.Option(help="fixed (alpha everywhere), gated or scaled (by the harm probe) [default: tuned, or fixed]"),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Harm probability from which gated mode steers [default: tuned, or 0.5]")
+    ] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response")
     ] = None,
@@ -260,9 +263,11 @@ def generate(
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is None and alpha:
         raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
+    tuned_mode, tuned_threshold = antidote.default_mode if antidote is not None else ("fixed", 0.5)
+    mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
     if antidote is not None:
         antidote.gate(mode, threshold)  # a bad mode, threshold or a missing probe fails before the model loads
-    alphas = alpha or ([antidote.suggested_alpha] if antidote else [0.0])
+    alphas = alpha or ([antidote.default_alpha] if antidote else [0.0])
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype, backend)
@@ -341,4 +346,4 @@ def demo(
 
 
 # Evaluation and serving commands live in their own modules; importing them registers them on `app`.
-from . import cli_eval, cli_export, cli_probe, cli_serve  # noqa: E402, F401
+from . import cli_eval, cli_export, cli_probe, cli_serve, cli_tune  # noqa: E402, F401

@@ -94,7 +94,7 @@ def _run(
     if antidote is not None:
         if factors is not None:
             alphas = [round(f * antidote.suggested_alpha, 4) for f in factors]
-        alphas = alphas or [antidote.suggested_alpha]
+        alphas = alphas or [antidote.default_alpha]
         ks = ks or [antidote.k]
     for value in alphas or []:
         check_alpha(value)

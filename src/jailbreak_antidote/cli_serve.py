@@ -31,9 +31,13 @@ def serve(
         float | None, typer.Option(help="Largest alpha a request may ask for [default: the artifact's range top]")
     ] = None,
     mode: Annotated[
-        str, typer.Option(help="Default mode: fixed, or gated / scaled by the artifact's harm probe")
-    ] = "fixed",
-    threshold: Annotated[float, typer.Option(help="Default harm probability from which gated mode steers")] = 0.5,
+        str | None,
+        typer.Option(help="Default mode: fixed, gated or scaled (by the harm probe) [default: tuned, or fixed]"),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Default harm probability from which gated mode steers [default: tuned, or 0.5]"),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
@@ -73,10 +77,12 @@ def serve(
         raise InvalidParameter("with --backend llamacpp give --antidote FILE (fit one with `antidote fit`)")
     elif not no_antidote:
         antidote = builtin_antidote(lm, tokenizer, name, log=err.print)
+    tuned_mode, tuned_threshold = antidote.default_mode if antidote is not None else ("fixed", 0.5)
+    mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
     if antidote is None:
         default, low, high = 0.0, 0.0, 0.0
     else:
-        default = check_alpha(antidote.suggested_alpha if alpha is None else alpha)
+        default = check_alpha(antidote.default_alpha if alpha is None else alpha)
         low = check_alpha(alpha_min)
         high = check_alpha(alpha_max if alpha_max is not None else max(antidote.alpha.get("range", [0, 0])[1], default))
         if not low <= default <= high:

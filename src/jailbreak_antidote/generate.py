@@ -80,7 +80,7 @@ def generate_answers(
         raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
     sampling = sampling or Sampling()
     if alphas is None or isinstance(alphas, int | float):
-        default = antidote.suggested_alpha if antidote is not None else 0.0
+        default = antidote.default_alpha if antidote is not None else 0.0
         alphas = [default if alphas is None else float(alphas)] * len(prompts)
     if len(alphas) != len(prompts):
         raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")

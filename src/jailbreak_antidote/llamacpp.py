@@ -242,7 +242,7 @@ def llamacpp_generate(
     """`generate.generate` on llama.cpp: same arguments, same stripped answers."""
     sampling = sampling or Sampling()
     if alphas is None or isinstance(alphas, int | float):
-        default = antidote.suggested_alpha if antidote is not None else 0.0
+        default = antidote.default_alpha if antidote is not None else 0.0
         alphas = [default if alphas is None else float(alphas)] * len(prompts)
     if len(alphas) != len(prompts):
         raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")

@@ -1,0 +1,132 @@
+"""`antidote tune`: pick mode, alpha and threshold for the operator.
+
+Maximise the refusal rate on harmful prompts (direct and wrapped in the harm probe's *training* templates,
+so the held-out templates stay unseen for evaluation) subject to a benign over-refusal budget: at most
+`budget` more benign refusals than alpha 0, on a held-out benign set. Refusal is the keyword judge on a
+short generation.
+
+Cost: per alpha, one generation of every prompt for the fixed mode, one for the scaled mode and one with
+the gate open; the gated mode at any threshold needs no more, since a gated prompt behaves like the open
+gate when its harm probability reaches the threshold and like alpha 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .antidote import Antidote
+from .errors import InvalidParameter
+from .eval.judges import is_refusal
+from .generate import generate_answers
+from .probe import TRAIN_ATTACKS
+from .prompts import builtin_calibration, builtin_prompts
+
+FACTORS = (0.5, 1.0, 1.5, 2.0)
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+@dataclass(frozen=True)
+class Point:
+    mode: str
+    alpha: float
+    threshold: float | None
+    harmful_refusal: float
+    benign_refusal: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "alpha": self.alpha, "threshold": self.threshold,
+            "harmful_refusal": round(self.harmful_refusal, 4), "benign_refusal": round(self.benign_refusal, 4),
+        }  # fmt: skip
+
+
+def check_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not 0 <= float(budget) <= 1:
+        raise InvalidParameter(f"budget must be in [0, 1] (a fraction of benign prompts), got {budget!r}")
+    return float(budget)
+
+
+def needed_benign(budget: float) -> int:
+    """Enough benign prompts that the budget allows at least two extra refusals (else it is all noise)."""
+    return max(20, math.ceil(2 / budget)) if budget > 0 else 20
+
+
+def default_harmful(count: int = 32, seed: int = 0) -> list[str]:
+    """Built-in calibration goals, each as it is and wrapped in one of the probe's training templates."""
+    from .eval.attacks import get_attacks
+
+    rng = random.Random(seed)
+    goals = rng.sample(builtin_calibration().harmful, count)
+    attacks = get_attacks(list(TRAIN_ATTACKS))
+    return [text for goal in goals for text in (goal, rng.choice(attacks)(goal))]
+
+
+def tune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    antidote: Antidote,
+    *,
+    harmful: Sequence[str] | None = None,
+    benign: Sequence[str] | None = None,
+    budget: float = 0.05,
+    factors: Sequence[float] = FACTORS,
+    thresholds: Sequence[float] = THRESHOLDS,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """The chosen point and the whole curve; does not modify the antidote (see `Antidote.with_default`)."""
+    budget = check_budget(budget)
+    harmful = list(harmful) if harmful is not None else default_harmful()
+    benign = list(benign) if benign is not None else builtin_prompts("tune-benign")
+    if len(benign) < needed_benign(budget):
+        raise InvalidParameter(
+            f"{len(benign)} benign prompts cannot measure a {budget:.0%} over-refusal budget; give at least "
+            f"{needed_benign(budget)} (--benign FILE)"
+        )
+    if not harmful:
+        raise InvalidParameter("no harmful prompts to tune on")
+    prompts = harmful + benign
+    n_harmful = len(harmful)
+
+    def refusals(alpha: float, mode: str, threshold: float = 0.5) -> tuple[list[bool], list[float | None]]:
+        answers = generate_answers(
+            model, tokenizer, prompts, antidote=antidote, alphas=alpha, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, mode=mode, threshold=threshold, show_progress=show_progress,
+        )  # fmt: skip
+        return [is_refusal(a.text) for a in answers], [a.harm_score for a in answers]
+
+    def point(mode: str, alpha: float, threshold: float | None, refused: Sequence[bool]) -> Point:
+        return Point(mode, alpha, threshold, sum(refused[:n_harmful]) / n_harmful,
+                     sum(refused[n_harmful:]) / len(benign))  # fmt: skip
+
+    base, _ = refusals(0.0, "fixed")
+    curve = [point("fixed", 0.0, None, base)]
+    adaptive = antidote.probe is not None
+    for factor in factors:
+        alpha = round(factor * antidote.suggested_alpha, 4)
+        curve.append(point("fixed", alpha, None, refusals(alpha, "fixed")[0]))
+        if adaptive:
+            curve.append(point("scaled", alpha, None, refusals(alpha, "scaled")[0]))
+            opened, gate_scores = refusals(alpha, "gated", 0.0)
+            for threshold in thresholds:
+                mixed = [o if (s or 0) >= threshold else b for o, b, s in zip(opened, base, gate_scores)]
+                curve.append(point("gated", alpha, threshold, mixed))
+    limit = curve[0].benign_refusal + budget
+    feasible = [p for p in curve if p.benign_refusal <= limit + 1e-9]
+    best = max(feasible, key=lambda p: (p.harmful_refusal, -p.benign_refusal, -p.alpha))
+    return {
+        "choice": best.as_dict(),
+        "baseline": curve[0].as_dict(),
+        "budget": budget,
+        "n_harmful": n_harmful,
+        "n_benign": len(benign),
+        "max_new_tokens": max_new_tokens,
+        "curve": [p.as_dict() for p in curve],
+    }
