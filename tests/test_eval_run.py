@@ -5,7 +5,7 @@ from conftest import HARMLESS
 
 from jailbreak_antidote.errors import InvalidParameter
 from jailbreak_antidote.eval.attacks import AttackPrompt, get_attacks
-from jailbreak_antidote.eval.defenses import DEFENSES, DefenseRunner, Setting, build_settings
+from jailbreak_antidote.eval.defenses import DEFENSES, MODE_OF, DefenseRunner, Setting, build_settings
 from jailbreak_antidote.eval.judges import is_refusal, refusal_scores
 from jailbreak_antidote.eval.report import build_report, summarize
 from jailbreak_antidote.eval.runner import Evaluation, RunConfig
@@ -29,6 +29,10 @@ def config(**changes):
 
 def test_every_defense_runs_and_reports_its_cost(runner):
     for defense in DEFENSES:
+        if defense in MODE_OF:  # the adaptive ones need a harm probe (tests/test_probe.py runs them)
+            with pytest.raises(InvalidParameter, match="needs a harm probe"):
+                runner.run(Setting(defense, alpha=2.0, k=0.1), GOALS)
+            continue
         outcomes = runner.run(Setting(defense, alpha=2.0, k=0.1), GOALS)
         assert len(outcomes) == len(GOALS)
         assert all(isinstance(o.response, str) for o in outcomes)
