@@ -93,3 +93,22 @@ def qwen2_antidote(qwen2, tokenizer):
     from jailbreak_antidote.fit import fit_antidote
 
     return fit_antidote(qwen2, tokenizer, HARMFUL, HARMLESS, k=0.1)
+
+
+def fitted_cli_workspace(path):
+    """A saved tiny Qwen2, paired prompt files and an antidote fitted on them by the CLI.
+    Returns (model dir, ["--harmful", F, "--harmless", F], artifact path)."""
+    from typer.testing import CliRunner
+
+    from jailbreak_antidote.cli import app
+
+    model = path / "model"
+    build_model("qwen2").save_pretrained(model)
+    build_tokenizer().save_pretrained(model)
+    (path / "h.txt").write_text("\n".join(HARMFUL))
+    (path / "s.txt").write_text("\n".join(HARMLESS))
+    files = ["--harmful", str(path / "h.txt"), "--harmless", str(path / "s.txt")]
+    artifact = path / "a.antidote"
+    result = CliRunner().invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)])
+    assert result.exit_code == 0, result.output
+    return model, files, artifact

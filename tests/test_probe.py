@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import HARMFUL, HARMLESS
+from conftest import HARMFUL, HARMLESS, fitted_cli_workspace
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -72,16 +72,7 @@ def test_probe_survives_save_and_load_and_is_checksummed(qwen2, tokenizer, qwen2
 def test_probe_cli_adds_a_probe(tmp_path):
 
     runner = CliRunner()
-    model = tmp_path / "model"
-    from conftest import build_model, build_tokenizer
-
-    build_model("qwen2").save_pretrained(model)
-    build_tokenizer().save_pretrained(model)
-    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
-    (tmp_path / "s.txt").write_text("\n".join(HARMLESS))
-    files = ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt")]
-    artifact = tmp_path / "a.antidote"
-    assert runner.invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)]).exit_code == 0
+    model, files, artifact = fitted_cli_workspace(tmp_path)
     result = runner.invoke(app, ["probe", str(artifact), "-m", str(model), *files, "--per-goal", "1"])
     assert result.exit_code == 0, result.output
     assert "AUROC" in result.output
@@ -111,17 +102,8 @@ def test_generate_reports_harm_scores_and_gates_by_them(qwen2, tokenizer, qwen2_
 
 
 def test_eval_runs_the_adaptive_defenses_and_reports_probe_auroc(tmp_path):
-    from conftest import build_model, build_tokenizer
-
     runner = CliRunner()
-    model = tmp_path / "model"
-    build_model("qwen2").save_pretrained(model)
-    build_tokenizer().save_pretrained(model)
-    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
-    (tmp_path / "s.txt").write_text("\n".join(HARMLESS))
-    files = ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt")]
-    artifact = tmp_path / "a.antidote"
-    assert runner.invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)]).exit_code == 0
+    model, files, artifact = fitted_cli_workspace(tmp_path)
     goals = tmp_path / "goals.txt"
     goals.write_text("\n".join(HARMFUL[:3]))
     common = ["eval", "-m", str(model), "-a", str(artifact), "--goals", str(goals), "--attacks", "direct,dan",

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import HARMFUL, HARMLESS, build_model, build_tokenizer
+from conftest import HARMFUL, HARMLESS, fitted_cli_workspace
 from typer.testing import CliRunner
 
 from jailbreak_antidote.antidote import Antidote
@@ -41,15 +41,8 @@ def test_budget_and_benign_count_are_checked(qwen2, tokenizer, probed):
 
 def test_tune_cli_stores_the_default(tmp_path):
     runner = CliRunner()
-    model = tmp_path / "model"
-    build_model("qwen2").save_pretrained(model)
-    build_tokenizer().save_pretrained(model)
-    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
-    (tmp_path / "s.txt").write_text("\n".join(HARMLESS))
+    model, _, artifact = fitted_cli_workspace(tmp_path)
     (tmp_path / "b.txt").write_text("\n".join(BENIGN))
-    artifact = tmp_path / "a.antidote"
-    files = ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt")]
-    assert runner.invoke(app, ["fit", "-m", str(model), *files, "--out", str(artifact)]).exit_code == 0
     args = ["tune", str(artifact), "-m", str(model), "--harmful", str(tmp_path / "h.txt"), "--benign",
             str(tmp_path / "b.txt"), "--budget", "0.1", "--factor", "1", "--max-new-tokens", "3"]  # fmt: skip
     result = runner.invoke(app, args)

@@ -30,6 +30,16 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
 
 
+def row_alphas(antidote: Antidote | None, alphas: Sequence[float] | float | None, count: int) -> list[float]:
+    """One checked alpha per prompt: the given list, one value for all, or the antidote's default."""
+    if alphas is None or isinstance(alphas, int | float):
+        default = antidote.default_alpha if antidote is not None else 0.0
+        alphas = [default if alphas is None else float(alphas)] * count
+    if len(alphas) != count:
+        raise InvalidParameter(f"got {len(alphas)} alphas for {count} prompts")
+    return [float(check_alpha(a)) for a in alphas]
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
@@ -79,12 +89,7 @@ def generate_answers(
     if batch_size < 1:
         raise InvalidParameter(f"batch_size must be at least 1, got {batch_size}")
     sampling = sampling or Sampling()
-    if alphas is None or isinstance(alphas, int | float):
-        default = antidote.default_alpha if antidote is not None else 0.0
-        alphas = [default if alphas is None else float(alphas)] * len(prompts)
-    if len(alphas) != len(prompts):
-        raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")
-    alpha_values = [check_alpha(a) for a in alphas]
+    alpha_values = row_alphas(antidote, alphas, len(prompts))
     if antidote is not None:
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold

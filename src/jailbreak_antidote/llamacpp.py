@@ -23,10 +23,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from . import bundled
 from .antidote import Antidote
 from .errors import ArtifactMismatch, InvalidParameter, ModelLoadError
-from .generate import Sampling
+from .generate import Sampling, row_alphas
 from .models import Chat, prepare_tokenizer, render_prompt
 from .server.engine import BatchEngine, DecodeRow, Finished, GenerationRequest, choose_tokens
-from .steer import check_alpha
 
 INSTALL_HINT = (
     "the llama.cpp backend needs llama-cpp-python: pip install -e '.[llamacpp]' "
@@ -241,12 +240,7 @@ def llamacpp_generate(
 ) -> list[str]:
     """`generate.generate` on llama.cpp: same arguments, same stripped answers."""
     sampling = sampling or Sampling()
-    if alphas is None or isinstance(alphas, int | float):
-        default = antidote.default_alpha if antidote is not None else 0.0
-        alphas = [default if alphas is None else float(alphas)] * len(prompts)
-    if len(alphas) != len(prompts):
-        raise InvalidParameter(f"got {len(alphas)} alphas for {len(prompts)} prompts")
-    alphas = [float(check_alpha(a)) for a in alphas]
+    alphas = row_alphas(antidote, alphas, len(prompts))
     if antidote is not None:
         backend.validate(antidote)
     engine = LlamaCppEngine(backend, antidote)
