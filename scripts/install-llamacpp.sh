@@ -8,6 +8,7 @@
 # dies with SIGILL on machines here that report AMX under a hypervisor, and the default native build would
 # enable it. Set LLAMACPP_CMAKE_ARGS to override.
 set -euo pipefail
+py=${PYTHON:-$(command -v python || command -v python3)}  # the interpreter `pip` installs into
 version=${LLAMACPP_VERSION:-0.3.36}
 wheelhouse=${LLAMACPP_WHEELHOUSE:-$HOME/.cache/jailbreak-antidote-wheels}
 
@@ -26,9 +27,9 @@ if ! ls "$target"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $version from source (about 11 minutes on 2 cores; kept in $target)"
   echo "CMAKE_ARGS=$LLAMACPP_CMAKE_ARGS"
   CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    python -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$version" -w "$target"
+    "$py" -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$version" -w "$target"
 else
   echo "using the cached llama-cpp-python $version wheel in $target"
 fi
-python -m pip install -q --force-reinstall --no-deps "$target"/llama_cpp_python-"$version"-*.whl
-python -m pip install -q --find-links "$target" "llama-cpp-python==$version"  # its pure-Python dependencies
+"$py" -m pip install -q --force-reinstall --no-deps "$target"/llama_cpp_python-"$version"-*.whl
+"$py" -m pip install -q --find-links "$target" "llama-cpp-python==$version"  # its pure-Python dependencies
