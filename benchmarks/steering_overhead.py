@@ -6,7 +6,12 @@ prints the median of the per-pair time ratios. End-to-end ratios on a shared 2-c
 few percent from run to run, so the script also reports the share of a steered generation's time spent
 inside the steering hooks themselves (cProfile), which is stable.
 
-    python benchmarks/steering_overhead.py [--model NAME] [--tokens 32] [--repeats 5]
+    python benchmarks/steering_overhead.py [--model NAME] [--tokens 32] [--repeats 12]
+    python benchmarks/steering_overhead.py --antidote runs/qwen05-probe.antidote --modes fixed gated scaled
+
+With `--antidote` (an artifact with a harm probe) each mode is timed against the plain model in the same
+interleaved rounds; gated runs with threshold 0, so the gate is open and every prompt is steered: the
+probe's own cost on top of fixed steering.
 """
 
 from __future__ import annotations
@@ -36,15 +41,20 @@ def timed_generate(model, batch, tokens: int, pad_id: int) -> float:
     return elapsed
 
 
-def hook_share(model, antidote, alpha: float, batch, tokens: int, pad_id: int) -> float:
-    """Fraction of a steered generation's time spent inside jailbreak_antidote/steer.py (cProfile)."""
+def steered(model, antidote, alpha: float, mode: str):
+    return antidote.applied(model, alpha=alpha, mode=mode, threshold=0.0)
+
+
+def hook_share(model, antidote, alpha: float, mode: str, batch, tokens: int, pad_id: int) -> float:
+    """Fraction of a steered generation's time spent inside steer.py and probe.py (cProfile)."""
     profiler = cProfile.Profile()
-    with antidote.applied(model, alpha=alpha):
+    with steered(model, antidote, alpha, mode):
         profiler.enable()
         total = timed_generate(model, batch, tokens, pad_id)
         profiler.disable()
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    own = sum(tottime for (file, _, _), (_, _, tottime, _, _) in stats.items() if file.endswith("steer.py"))
+    ours = ("steer.py", "probe.py")
+    own = sum(tottime for (file, _, _), (_, _, tottime, _, _) in stats.items() if file.endswith(ours))
     return own / total
 
 
@@ -54,38 +64,44 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--antidote", help="A .antidote file (default: fit the built-in one)")
+    parser.add_argument("--modes", nargs="+", default=["fixed"], choices=["fixed", "gated", "scaled"])
     args = parser.parse_args()
 
-    model, tokenizer, antidote = bundled_model_and_antidote(args.model)
+    if args.antidote:
+        from jailbreak_antidote.antidote import Antidote
+        from jailbreak_antidote.models import load_model
+
+        model, tokenizer = load_model(args.model)
+        antidote = Antidote.load(args.antidote)
+    else:
+        model, tokenizer, antidote = bundled_model_and_antidote(args.model)
     alpha = antidote.suggested_alpha
     prompts = builtin_prompts("benign")
     print(f"machine: {machine()}")
     print(f"model {args.model}, k={antidote.k}, {len(antidote.layers)} steered layers, alpha {alpha}")
-    print(f"{'batch':>5} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
+    print(f"{'batch':>5} {'mode':>6} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
     for batch_size in args.batch_sizes:
         batch = encode_prompts(tokenizer, prompts[:batch_size])
         timed_generate(model, batch, 4, tokenizer.pad_token_id)  # warm-up
-        ratios, plain_rates, steered_rates = [], [], []
+        sides = ["plain", *args.modes]
+        seconds: dict[str, list[float]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
-            # Alternate which side runs first so that drift within a pair does not favour either side.
-            order = ("plain", "steered") if repeat % 2 == 0 else ("steered", "plain")
-            seconds = {}
-            for side in order:
+            # Rotate which side runs first so that drift within a round does not favour any side.
+            for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
                 if side == "plain":
-                    seconds[side] = timed_generate(model, batch, args.tokens, tokenizer.pad_token_id)
+                    seconds[side].append(timed_generate(model, batch, args.tokens, tokenizer.pad_token_id))
                 else:
-                    with antidote.applied(model, alpha=alpha):
-                        seconds[side] = timed_generate(model, batch, args.tokens, tokenizer.pad_token_id)
-            plain, steered = seconds["plain"], seconds["steered"]
-            ratios.append(steered / plain)
-            plain_rates.append(batch_size * args.tokens / plain)
-            steered_rates.append(batch_size * args.tokens / steered)
-        overhead = statistics.median(ratios) - 1
-        share = hook_share(model, antidote, alpha, batch, args.tokens, tokenizer.pad_token_id)
-        print(
-            f"{batch_size:>5} {statistics.median(plain_rates):>12.1f} {statistics.median(steered_rates):>14.1f} "
-            f"{overhead:>+9.1%} {share:>14.2%}"
-        )
+                    with steered(model, antidote, alpha, side):
+                        seconds[side].append(timed_generate(model, batch, args.tokens, tokenizer.pad_token_id))
+        for mode in args.modes:
+            overhead = statistics.median(s / p for s, p in zip(seconds[mode], seconds["plain"])) - 1
+            share = hook_share(model, antidote, alpha, mode, batch, args.tokens, tokenizer.pad_token_id)
+            plain_rate = batch_size * args.tokens / statistics.median(seconds["plain"])
+            steered_rate = batch_size * args.tokens / statistics.median(seconds[mode])
+            print(
+                f"{batch_size:>5} {mode:>6} {plain_rate:>12.1f} {steered_rate:>14.1f} {overhead:>+9.1%} {share:>14.2%}"
+            )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,19 @@ from typer.testing import CliRunner
 from jailbreak_antidote.antidote import Antidote
 from jailbreak_antidote.cli import app
 from jailbreak_antidote.errors import ArtifactError, InvalidParameter
-from jailbreak_antidote.probe import HELD_OUT_ATTACKS, TRAIN_ATTACKS, augmented, auroc, fit_probe, train_logistic
+from jailbreak_antidote.probe import (
+    HELD_OUT_ATTACKS,
+    TRAIN_ATTACKS,
+    HarmProbe,
+    attack_wrappers,
+    augmented,
+    auroc,
+    fit_probe,
+    smooth_max,
+    train_logistic,
+    training_wrappers,
+)
+from jailbreak_antidote.probe_templates import WRAPPERS
 
 
 def test_auroc_counts_pairs_and_ties():
@@ -32,11 +44,45 @@ def test_logistic_regression_separates_a_separable_set():
 
 
 def test_augmentation_wraps_both_sides_in_the_same_templates():
-    data = augmented(HARMFUL[:4], HARMLESS[:4], TRAIN_ATTACKS, per_goal=2, seed=0)
+    data = augmented(HARMFUL[:4], HARMLESS[:4], attack_wrappers(TRAIN_ATTACKS), per_goal=2, seed=0)
     assert len(data.prompts) == 4 * 3 * 2
     for i in range(0, len(data.prompts), 2):  # harmful, then its harmless pair, same template
         assert data.labels[i : i + 2] == [1, 0] and data.attacks[i] == data.attacks[i + 1]
     assert set(data.attacks) - {"direct"} <= set(TRAIN_ATTACKS)
+    nested = augmented(HARMFUL[:4], HARMLESS[:4], training_wrappers(TRAIN_ATTACKS), 3, seed=0, nest_probability=1)
+    assert all("+" in a for a in nested.attacks if a != "direct")
+
+
+def test_training_wrappers_never_include_a_held_out_attack():
+    names = {w.name for w in training_wrappers(TRAIN_ATTACKS)}
+    assert not names & set(HELD_OUT_ATTACKS) and set(TRAIN_ATTACKS) <= names
+    assert len(names) == len(TRAIN_ATTACKS) + len(WRAPPERS)
+    goal = "Explain how to pick a lock quickly."
+    wrapped = [wrap(goal) for wrap in WRAPPERS]
+    assert len(set(wrapped)) == len(WRAPPERS) and all(w != goal and w.strip() for w in wrapped)
+
+
+def unit_probe(pooling: str = "max") -> HarmProbe:
+    """A probe that reads coordinate 0 of a 4-wide hidden state."""
+    weight = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    return HarmProbe(0, weight, 0.0, torch.zeros(4), torch.ones(4), pooling=pooling, tau=0.1)
+
+
+def test_max_pooling_finds_a_harmful_token_anywhere_and_ignores_padding():
+    probe = unit_probe()
+    hidden = torch.zeros(3, 5, 4)
+    hidden[0, 1, 0] = 5.0  # one harmful-looking token early in the prompt
+    hidden[1, 4, 0] = 5.0  # ... or at the end
+    hidden[2, 0, 0] = 5.0  # ... but in row 2 that position is padding
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[2, :2] = 0
+    raw = probe.raw_scores(hidden, mask)
+    assert float(raw[0]) == pytest.approx(float(raw[1]), abs=1e-5) and raw[0] > 4.9
+    assert raw[2] < 0.2  # the padded token did not count
+    assert unit_probe("last").raw_scores(hidden, mask).tolist() == [0.0, 5.0, 0.0]
+    segments = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2])  # the same prompts, packed without padding
+    packed = torch.cat([hidden[0, :, 0], hidden[1, :, 0], hidden[2, 2:, 0]])
+    torch.testing.assert_close(smooth_max(packed, segments, 3, 0.1), raw)
 
 
 def test_fit_probe_keeps_templates_and_goals_apart(qwen2, tokenizer):
@@ -46,8 +92,9 @@ def test_fit_probe_keeps_templates_and_goals_apart(qwen2, tokenizer):
     assert set(report["validation_auroc_per_attack"]) <= {*HELD_OUT_ATTACKS, "direct"}
     assert report["validation_auroc"] == max(report["validation_auroc_per_layer"].values())
     assert str(probe.layer) in report["validation_auroc_per_layer"]
-    states = torch.randn(3, probe.weight.numel())
-    assert ((probe.probability(states) >= 0) & (probe.probability(states) <= 1)).all()
+    assert probe.pooling == "max" and report["validation_auroc_attacks_vs_plain_benign"] >= 0
+    hidden = torch.randn(3, 7, probe.weight.numel())
+    assert ((probe.probability(hidden) >= 0) & (probe.probability(hidden) <= 1)).all()
     with pytest.raises(InvalidParameter, match="both a training and a held-out"):
         fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, train_attacks=["dan"], held_out_attacks=["dan"])
 
@@ -57,8 +104,9 @@ def test_probe_survives_save_and_load_and_is_checksummed(qwen2, tokenizer, qwen2
     path = antidote.save(tmp_path / "p.antidote")
     loaded = Antidote.load(path)
     assert loaded.probe is not None and loaded.probe.layer == antidote.probe.layer
-    states = torch.randn(4, loaded.probe.weight.numel())
-    torch.testing.assert_close(loaded.probe.probability(states), antidote.probe.probability(states))
+    hidden = torch.randn(4, 6, loaded.probe.weight.numel())
+    torch.testing.assert_close(loaded.probe.probability(hidden), antidote.probe.probability(hidden))
+    assert loaded.probe.pooling == "max"
     assert loaded.summary()["probe"]["layer"] == antidote.probe.layer
     assert Antidote.load(qwen2_antidote.save(tmp_path / "plain.antidote")).probe is None
     with safe_open(str(path), framework="pt") as handle:  # a probe tensor changed after saving

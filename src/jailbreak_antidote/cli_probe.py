@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import bundled
@@ -21,9 +23,14 @@ def probe(
     dtype: DtypeOption = "float32",
     harmful: Annotated[Path | None, typer.Option(help="Harmful prompts [default: the built-in set]")] = None,
     harmless: Annotated[Path | None, typer.Option(help="Harmless prompts, paired with --harmful")] = None,
-    per_goal: Annotated[int, typer.Option(help="Attack templates wrapped around each instruction")] = 3,
+    per_goal: Annotated[int, typer.Option(help="Training wrappers drawn for each instruction")] = 8,
     validation_fraction: Annotated[float, typer.Option(help="Share of goals held out with held-out templates")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed for the split and the template draw")] = 0,
+    layer: Annotated[
+        list[int] | None,
+        typer.Option(help="Candidate probe block(s), repeatable [default: at 33% and 42% of the depth]. An "
+                     "earlier block lets gated / scaled modes steer more of the prompt's blocks"),
+    ] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write here instead of updating the file in place")
     ] = None,
@@ -49,19 +56,23 @@ def probe(
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype)
     _check(antidote, lm)
-    antidote.probe = fit_probe(
-        lm, tokenizer, positives, negatives, per_goal=per_goal, validation_fraction=validation_fraction, seed=seed
-    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
+        antidote.probe = fit_probe(
+            lm, tokenizer, positives, negatives, per_goal=per_goal, validation_fraction=validation_fraction,
+            seed=seed, layers=layer or None, progress=progress,
+        )  # fmt: skip
     path = antidote.save(out_path or antidote_path)
     report = antidote.probe.report
     table = Table(
         title=f"Harm probe: validation AUROC (held-out goals x held-out templates), layer {antidote.probe.layer}"
     )
     table.add_column("attack family")
-    table.add_column("AUROC", justify="right")
+    table.add_column("AUROC (harmful vs harmless, both wrapped)", justify="right")
     for family, value in report["validation_auroc_per_family"].items():
         table.add_row(family, f"{value:.3f}")
-    table.add_row("all", f"{report['validation_auroc']:.3f}")
+    table.add_row("all, pooled", f"{report['validation_auroc']:.3f}")
+    table.add_row("wrapped harmful vs plain harmless", f"{report['validation_auroc_attacks_vs_plain_benign']:.3f}")
     out.print(table)
     out.print(f"saved {path} (probe on block {antidote.probe.layer}; {report['n_train']} training prompts, "
               f"{report['n_validation']} validation prompts)")  # fmt: skip

@@ -1,24 +1,35 @@
-"""Harm probe: how likely a prompt is harmful, read from the last prompt token's hidden state, including
-prompts wrapped in jailbreak templates.
+"""Harm probe: how likely a prompt is harmful, read from one decoder block's hidden states over the prompt,
+including prompts wrapped in jailbreak templates.
 
 The antidote direction alone does not flag jailbreaks (templates push the state toward "harmless"; that is
 how they work), so the probe is a logistic regression trained on template-augmented data: the calibration
 pairs wrapped in attack templates on *both* sides, harmful and harmless, so that the template itself
-carries no signal. Layers are chosen by AUROC on held-out goals wrapped in held-out templates, and the
+carries no label. What we measured on the bundled 0.5B model (docs/ADAPTIVE.md):
+- reading only the last prompt token fails on unseen templates that bury the request in a long wrapper (a
+  LaTeX table, split strings): the last state is about the wrapper. So the probe scores every prompt token
+  and pools them with a smooth maximum (log-sum-exp), trained as multiple-instance learning: a harmful
+  prompt has some harmful token, a harmless one has none;
+- a few templates teach the templates' surface, so training draws from many wrappers
+  (`probe_templates.WRAPPERS` plus the training attacks), some nested two deep.
+- the probe block should be early: gated and scaled modes steer the prompt only after it. With the probe
+  at block 16 of 24, gated steering at 4x the suggested alpha refused 73% of the tuning set's harmful
+  prompts; at block 10, 88% (as many as fixed alpha, which also refused 81% of benign prompts). So the
+  candidates sit at a third to 40% of the depth (`LAYER_FRACTIONS`).
+Among the candidates the layer is chosen by AUROC on held-out goals wrapped in held-out templates, and the
 score is calibrated to a probability on that validation set (Platt scaling).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .activations import last_token_states
+from .activations import prompt_token_states
 from .blocks import decoder_blocks
 from .errors import InvalidParameter
 from .prompts import check_pairs
@@ -64,10 +75,23 @@ def train_logistic(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-
     return weight.detach().float(), float(bias.detach())
 
 
+POOLINGS = ("max", "last")
+LAYER_FRACTIONS = (0.33, 0.42)  # candidate probe blocks, as a share of the depth (early: see fit_probe)
+NEST_PROBABILITY = 0.25  # share of training wrappers nested inside a second one
+
+
+def smooth_max(scores: torch.Tensor, segments: torch.Tensor, count: int, tau: float) -> torch.Tensor:
+    """tau * log(sum(exp(score / tau))) over each segment's tokens: a differentiable maximum per prompt."""
+    peak = torch.full((count,), -torch.inf, dtype=scores.dtype).scatter_reduce(0, segments, scores.detach(), "amax")
+    total = torch.zeros(count, dtype=scores.dtype).index_add(0, segments, torch.exp((scores - peak[segments]) / tau))
+    return peak + tau * torch.log(total)
+
+
 @dataclass
 class HarmProbe:
-    """p(harmful | prompt) = sigmoid(scale * (w . (h - mean) / std + bias) + offset), h = block `layer`'s
-    output at the last prompt token."""
+    """p(harmful | prompt) = sigmoid(scale * pooled + offset), where each prompt token t of block `layer`'s
+    output scores z_t = w . (h_t - mean) / std + bias, and pooled = tau * logsumexp(z / tau) over the prompt's
+    tokens ("max" pooling), or z at the last prompt token ("last", artifacts of version 0.1)."""
 
     layer: int
     weight: torch.Tensor
@@ -76,29 +100,73 @@ class HarmProbe:
     std: torch.Tensor
     scale: float = 1.0
     offset: float = 0.0
+    pooling: str = "max"
+    tau: float = 1.0
     report: dict[str, Any] = field(default_factory=dict)
 
-    def raw_scores(self, states: torch.Tensor) -> torch.Tensor:
-        return ((states.float() - self.mean) / self.std) @ self.weight + self.bias
+    def token_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden_size] -> z [...] (computed on hidden's device)."""
+        device = hidden.device
+        standardised = (hidden.float() - self.mean.to(device)) / self.std.to(device)
+        return standardised @ self.weight.to(device) + self.bias
 
-    def probability(self, states: torch.Tensor) -> torch.Tensor:
-        """states: [n, hidden] outputs of block `layer` at the last prompt token."""
-        return torch.sigmoid(self.scale * self.raw_scores(states) + self.offset)
+    def raw_scores(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [batch, seq, hidden_size]: block `layer`'s output over left-padded prompts; mask [batch, seq]
+        (1 = real token; None = no padding)."""
+        if self.pooling == "last":
+            return self.token_scores(hidden[:, -1, :])
+        scores = self.token_scores(hidden)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.to(scores.device).bool(), -torch.inf)
+        return self.tau * torch.logsumexp(scores / self.tau, dim=1)
+
+    def probability(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.scale * self.raw_scores(hidden, mask) + self.offset).float().cpu()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"probe.weight": self.weight, "probe.mean": self.mean, "probe.std": self.std}
 
     def metadata(self) -> dict[str, Any]:
         return {"layer": self.layer, "bias": self.bias, "scale": self.scale, "offset": self.offset,
-                "report": self.report}  # fmt: skip
+                "pooling": self.pooling, "tau": self.tau, "report": self.report}  # fmt: skip
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HarmProbe:
+        pooling = meta.get("pooling", "last")  # artifacts written before max pooling read the last token
+        if pooling not in POOLINGS:
+            raise InvalidParameter(f"unknown probe pooling {pooling!r}; this version knows {', '.join(POOLINGS)}")
         return cls(
             layer=int(meta["layer"]), weight=tensors["probe.weight"].float(), bias=float(meta["bias"]),
             mean=tensors["probe.mean"].float(), std=tensors["probe.std"].float(), scale=float(meta["scale"]),
-            offset=float(meta["offset"]), report=meta.get("report", {}),
+            offset=float(meta["offset"]), pooling=pooling, tau=float(meta.get("tau", 1.0)),
+            report=meta.get("report", {}),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    name: str
+    family: str
+    wrap: Callable[[str], str]
+
+
+def training_wrappers(attack_names: Sequence[str]) -> list[Wrapper]:
+    """The training attacks plus the probe-only wrappers."""
+    from .eval.attacks import get_attacks
+    from .probe_templates import WRAPPERS
+
+    attacks = [Wrapper(a.name, a.family, a.transform) for a in get_attacks(list(attack_names))]
+    return attacks + [Wrapper(f"wrapper-{i}", "probe-template", wrap) for i, wrap in enumerate(WRAPPERS)]
+
+
+def attack_wrappers(attack_names: Sequence[str]) -> list[Wrapper]:
+    from .eval.attacks import get_attacks
+
+    return [Wrapper(a.name, a.family, a.transform) for a in get_attacks(list(attack_names))]
+
+
+def _nested(outer: Wrapper, inner: Wrapper) -> Wrapper:
+    return Wrapper(f"{outer.name}+{inner.name}", outer.family, lambda text: outer.wrap(inner.wrap(text)))
 
 
 @dataclass
@@ -110,23 +178,27 @@ class ProbeData:
 
 
 def augmented(
-    harmful: Sequence[str], harmless: Sequence[str], attack_names: Sequence[str], per_goal: int, seed: int
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    wrappers: Sequence[Wrapper],
+    per_goal: int,
+    seed: int,
+    nest_probability: float = 0.0,
 ) -> ProbeData:
-    """Each instruction as it is, plus wrapped in `per_goal` templates drawn (seeded) from `attack_names`;
-    a pair's harmful and harmless sides get the same templates, so templates carry no label."""
-    from .eval.attacks import get_attacks
-
-    attacks = get_attacks(list(attack_names))
+    """Each instruction as it is, plus wrapped in `per_goal` wrappers drawn (seeded) from `wrappers`, each
+    nested inside a second one with `nest_probability`; a pair's harmful and harmless sides get the same
+    wrappers, so wrappers carry no label."""
     rng = random.Random(seed)
     data = ProbeData([], [], [], [])
     for bad, good in zip(harmful, harmless):
-        chosen = rng.sample(attacks, min(per_goal, len(attacks)))
-        for attack in [None, *chosen]:
+        chosen = [w if rng.random() >= nest_probability else _nested(rng.choice(wrappers), w)
+                  for w in rng.sample(list(wrappers), min(per_goal, len(wrappers)))]  # fmt: skip
+        for wrapper in [None, *chosen]:
             for text, label in ((bad, 1), (good, 0)):
-                data.prompts.append(attack(text) if attack else text)
+                data.prompts.append(wrapper.wrap(text) if wrapper else text)
                 data.labels.append(label)
-                data.attacks.append(attack.name if attack else "direct")
-                data.families.append(attack.family if attack else "none")
+                data.attacks.append(wrapper.name if wrapper else "direct")
+                data.families.append(wrapper.family if wrapper else "none")
     return data
 
 
@@ -141,6 +213,50 @@ def per_group_auroc(scores: torch.Tensor, data: ProbeData, groups: list[str]) ->
     return result
 
 
+def against_direct_benign(scores: torch.Tensor, data: ProbeData) -> float:
+    """AUROC of wrapped harmful prompts against plain harmless ones: jailbreaks among everyday traffic."""
+    index = [i for i, (label, attack) in enumerate(zip(data.labels, data.attacks)) if (attack == "direct") != label]
+    return round(auroc(scores[index], torch.tensor(data.labels)[index]), 4)
+
+
+@dataclass
+class _Packed:
+    """Every prompt's token states at one layer, concatenated: features [tokens, hidden], segments [tokens]."""
+
+    features: torch.Tensor
+    segments: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, states: Sequence[torch.Tensor], column: int) -> _Packed:
+        lengths = torch.tensor([len(s) for s in states])
+        features = torch.cat([s[:, column] for s in states]).float()
+        return cls(features, torch.repeat_interleave(torch.arange(len(states)), lengths), len(states))
+
+
+def train_max_pooled(
+    packed: _Packed, labels: torch.Tensor, tau: float = 1.0, l2: float = 1e-3, steps: int = 300, lr: float = 0.01
+) -> tuple[torch.Tensor, float]:
+    """Logistic regression on the smooth maximum of per-token scores (multiple-instance learning);
+    features standardised. Adam, full batch, a fixed number of steps (the loss is not smooth enough for
+    L-BFGS' line search early on)."""
+    weight = torch.zeros(packed.features.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    targets = labels.float()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        pooled = smooth_max(packed.features @ weight + bias, packed.segments, packed.count, tau)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(pooled, targets) + l2 * weight.square().sum()
+        loss.backward()
+        optimizer.step()
+    return weight.detach(), float(bias.detach())
+
+
+def candidate_layers(depth: int) -> list[int]:
+    return sorted({min(depth - 1, round(depth * fraction)) for fraction in LAYER_FRACTIONS})
+
+
 def fit_probe(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -148,54 +264,67 @@ def fit_probe(
     harmless: Sequence[str],
     *,
     layers: Sequence[int] | None = None,
-    per_goal: int = 3,
+    per_goal: int = 8,
     validation_fraction: float = 0.3,
     train_attacks: Sequence[str] = TRAIN_ATTACKS,
     held_out_attacks: Sequence[str] = HELD_OUT_ATTACKS,
     seed: int = 0,
     batch_size: int = 16,
     system: str | None = None,
+    tau: float = 1.0,
+    progress: Any = None,
 ) -> HarmProbe:
-    """Train on the training goals x training templates, choose the layer and calibrate on the other goals
-    wrapped in held-out templates (never seen in training: neither the goal nor the template)."""
+    """Train on the training goals x training wrappers, choose the layer and calibrate on the other goals
+    wrapped in held-out attack templates (never seen in training: neither the goal nor the template)."""
     check_pairs(list(harmful), list(harmless))
     if not 0 < validation_fraction < 1:
         raise InvalidParameter(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     if set(train_attacks) & set(held_out_attacks):
         raise InvalidParameter("a template cannot be both a training and a held-out template")
     depth = len(decoder_blocks(model))
-    layers = list(range(depth)) if layers is None else list(layers)
+    layers = candidate_layers(depth) if layers is None else list(layers)
     order = list(range(len(harmful)))
     random.Random(seed).shuffle(order)
     cut = int(len(order) * (1 - validation_fraction))
+    if cut < 1 or cut == len(order):
+        raise InvalidParameter(f"{len(order)} pairs cannot be split into training and validation goals")
     split = {"train": order[:cut], "validation": order[cut:]}
-    train = augmented([harmful[i] for i in split["train"]], [harmless[i] for i in split["train"]], train_attacks,
-                      per_goal, seed)  # fmt: skip
+    train = augmented([harmful[i] for i in split["train"]], [harmless[i] for i in split["train"]],
+                      training_wrappers(train_attacks), per_goal, seed, NEST_PROBABILITY)  # fmt: skip
     valid = augmented([harmful[i] for i in split["validation"]], [harmless[i] for i in split["validation"]],
-                      held_out_attacks, per_goal, seed + 1)  # fmt: skip
-    states = last_token_states(model, tokenizer, train.prompts + valid.prompts, layers, system=system,
-                               batch_size=batch_size)  # fmt: skip
+                      attack_wrappers(held_out_attacks), len(held_out_attacks), seed + 1)  # fmt: skip
+    states = prompt_token_states(
+        model, tokenizer, train.prompts + valid.prompts, layers, system=system, batch_size=batch_size,
+        progress=progress, description="probe forward passes",
+    )  # fmt: skip
     train_states, valid_states = states[: len(train.prompts)], states[len(train.prompts) :]
     y_train, y_valid = torch.tensor(train.labels), torch.tensor(valid.labels)
-    candidates: dict[int, HarmProbe] = {}
-    layer_auroc: dict[str, float] = {}
-    for i, layer in enumerate(layers):
-        x = train_states[:, i]
-        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-        weight, bias = train_logistic((x - mean) / std, y_train)
-        probe = HarmProbe(layer, weight, bias, mean, std)
-        candidates[layer] = probe
-        layer_auroc[str(layer)] = round(auroc(probe.raw_scores(valid_states[:, i]), y_valid), 4)
+    candidates: dict[int, tuple[HarmProbe, torch.Tensor]] = {}
+    task = progress.add_task("probe training", total=len(layers)) if progress is not None else None
+    for column, layer in enumerate(layers):
+        packed = _Packed.of(train_states, column)
+        mean, std = packed.features.mean(0), packed.features.std(0).clamp_min(1e-4)
+        packed.features = (packed.features - mean) / std
+        weight, bias = train_max_pooled(packed, y_train, tau=tau)
+        probe = HarmProbe(layer, weight, bias, mean, std, tau=tau)
+        valid_packed = _Packed.of(valid_states, column)
+        raw = smooth_max(probe.token_scores(valid_packed.features), valid_packed.segments, valid_packed.count, tau)
+        candidates[layer] = (probe, raw)
+        if progress is not None and task is not None:
+            progress.advance(task)
+    layer_auroc = {str(layer): round(auroc(raw, y_valid), 4) for layer, (_, raw) in candidates.items()}
     best = max(layers, key=lambda layer: layer_auroc[str(layer)])
-    probe = candidates[best]
-    raw = probe.raw_scores(valid_states[:, layers.index(best)])
+    probe, raw = candidates[best]
     probe.scale, probe.offset = _platt(raw, y_valid)
     probe.report = {
         "validation_auroc": layer_auroc[str(best)],
         "validation_auroc_per_layer": layer_auroc,
         "validation_auroc_per_attack": per_group_auroc(raw, valid, valid.attacks),
         "validation_auroc_per_family": per_group_auroc(raw, valid, valid.families),
+        "validation_auroc_attacks_vs_plain_benign": against_direct_benign(raw, valid),
+        "pooling": "max",
         "train_attacks": list(train_attacks),
+        "probe_only_wrappers": len(training_wrappers(train_attacks)) - len(train_attacks),
         "held_out_attacks": list(held_out_attacks),
         "n_train": len(train.prompts),
         "n_validation": len(valid.prompts),

@@ -27,7 +27,8 @@ MODES = ("fixed", "gated", "scaled")
 class Gate:
     """Adaptive strength from a harm probe read during the prompt's forward pass (no second pass).
 
-    `probability(states)` maps block `layer`'s output at the last prompt token to p(harmful). Each row's
+    `probability(hidden, mask)` maps block `layer`'s output over the prompt ([batch, seq, hidden], left
+    padded; mask [batch, seq], 1 = real token, or None) to p(harmful) per row, on the CPU. Each row's
     alpha is multiplied by 1 (fixed), by [p >= threshold] (gated) or by p (scaled). The score exists only
     once block `layer` has run on the prompt, so in the gated and scaled modes the prompt tokens are steered
     only at the blocks after `layer`; generated tokens are steered at every selected block. In the fixed
@@ -36,7 +37,7 @@ class Gate:
     """
 
     layer: int
-    probability: Callable[[torch.Tensor], torch.Tensor]
+    probability: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     mode: str = "gated"
     threshold: float = 0.5
 
@@ -148,7 +149,10 @@ class Steering:
         if self._factor is not None or hidden.shape[1] <= 1:
             return
         assert self.gate is not None
-        self.scores = self.gate.probability(hidden[:, -1, :].float().cpu())  # left padding: last prompt token
+        mask = self._mask
+        if mask is not None and (mask.shape[0] != hidden.shape[0] or mask.shape[1] < hidden.shape[1]):
+            mask = None  # not this call's mask
+        self.scores = self.gate.probability(hidden, None if mask is None else mask[:, -hidden.shape[1] :]).float()
         self._factor = self.gate.factor(self.scores).to(hidden.device)
         self._scale = None  # the rest of this pass is steered with the gated strength
 
