@@ -168,3 +168,15 @@ def test_eval_runs_the_adaptive_defenses_and_reports_probe_auroc(tmp_path):
     assert rows[0]["config"]["threshold"] == 0.3
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Harm probe AUROC per attack family" in report and "role-play" in report
+
+
+def test_utility_metrics_follow_the_gate(qwen2, tokenizer, qwen2_antidote):
+    from jailbreak_antidote.eval.utility import next_token_kl
+
+    probe = fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, per_goal=1)
+    antidote = Antidote(**{**qwen2_antidote.__dict__, "probe": probe})
+    alpha = 4 * antidote.suggested_alpha
+    fixed = next_token_kl(qwen2, tokenizer, HARMLESS[:3], antidote, alpha)
+    closed = next_token_kl(qwen2, tokenizer, HARMLESS[:3], antidote, alpha, mode="gated", threshold=1.0)
+    opened = next_token_kl(qwen2, tokenizer, HARMLESS[:3], antidote, alpha, mode="gated", threshold=0.0)
+    assert fixed > 1e-4 and closed == pytest.approx(0.0, abs=1e-6) and opened > 0

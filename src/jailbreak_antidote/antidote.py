@@ -226,9 +226,13 @@ class Antidote:
             return None
         return Gate(self.probe.layer, self.probe.probability, mode, threshold)
 
-    def maybe_applied(self, model: nn.Module, alpha: float) -> contextlib.AbstractContextManager:
+    def maybe_applied(
+        self, model: nn.Module, alpha: float, mode: str = "fixed", threshold: float = 0.5
+    ) -> contextlib.AbstractContextManager:
         """`applied` without validation, or a no-op context when alpha is 0 (evaluation helpers)."""
-        return self.applied(model, alpha, validate=False) if alpha != 0 else contextlib.nullcontext()
+        if alpha == 0:
+            return contextlib.nullcontext()
+        return self.applied(model, alpha, validate=False, mode=mode, threshold=threshold)
 
     # ----- persistence ----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

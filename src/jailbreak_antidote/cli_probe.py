@@ -28,8 +28,10 @@ def probe(
     seed: Annotated[int, typer.Option(help="Seed for the split and the template draw")] = 0,
     layer: Annotated[
         list[int] | None,
-        typer.Option(help="Candidate probe block(s), repeatable [default: at 33% and 42% of the depth]. An "
-                     "earlier block lets gated / scaled modes steer more of the prompt's blocks"),
+        typer.Option(
+            help="Candidate probe block(s), repeatable [default: at 33% and 42% of the depth]. An "
+            "earlier block lets gated / scaled modes steer more of the prompt's blocks"
+        ),
     ] = None,
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write here instead of updating the file in place")

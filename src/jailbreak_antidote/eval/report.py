@@ -202,7 +202,10 @@ def write_report(out_dir: Path, summary: list[dict[str, Any]], judge_agreement: 
     kl = _lookup(summary, "next_token_kl")
     if kl:
         nll, base = _lookup(summary, "answer_nll"), _lookup(summary, "baseline_answer_nll")
-        lines += ["", "## Benign-prompt distortion (steering alone, without prompt wrappers)", "",
+        heading = (
+            "## Benign-prompt distortion (steering alone, without prompt wrappers; gated / scaled: per-prompt gate)"
+        )
+        lines += ["", heading, "",
                   "| setting | next-token KL vs alpha 0 | NLL of undefended answers (alpha 0 value) |",
                   "|---|---|---|"]  # fmt: skip
         for key in sorted(kl, key=lambda k: (k[0], k[1], k[2] or 0, k[3] or "")):

@@ -27,7 +27,7 @@ from rich.progress import (
 
 from ..errors import InvalidParameter
 from .attacks import AttackPrompt
-from .defenses import STEERED, DefenseRunner, Setting
+from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
 from .judges import is_refusal
 
 CONFIG_FILE = "config.json"
@@ -231,13 +231,20 @@ class Evaluation:
             if setting.defense not in STEERED or metrics.key(fields) in metrics.keys:
                 continue
             antidote = runner.steering_antidote(setting)
+            gate = {"mode": MODE_OF.get(setting.defense, "fixed"), "threshold": runner.threshold}
             metrics.append(
                 [
                     {
                         **fields,
                         "n_prompts": len(prompts),
                         "next_token_kl": next_token_kl(
-                            runner.model, runner.tokenizer, prompts, antidote, setting.alpha, runner.batch_size
+                            runner.model,
+                            runner.tokenizer,
+                            prompts,
+                            antidote,
+                            setting.alpha,
+                            runner.batch_size,
+                            **gate,
                         ),
                         "answer_nll": answer_nll(
                             runner.model,
@@ -246,6 +253,7 @@ class Evaluation:
                             [baseline[p] for p in prompts],
                             antidote,
                             setting.alpha,
+                            **gate,
                         ),
                         "baseline_answer_nll": answer_nll(
                             runner.model, runner.tokenizer, prompts, [baseline[p] for p in prompts], None, 0.0

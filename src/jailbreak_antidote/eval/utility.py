@@ -18,8 +18,10 @@ from ..antidote import Antidote
 from ..models import encode_prompts, render_prompt
 
 
-def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float):
-    return antidote.maybe_applied(model, alpha) if antidote is not None else contextlib.nullcontext()
+def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float, mode: str, threshold: float):
+    if antidote is None:
+        return contextlib.nullcontext()
+    return antidote.maybe_applied(model, alpha, mode, threshold)
 
 
 @torch.no_grad()
@@ -30,13 +32,16 @@ def next_token_kl(
     antidote: Antidote,
     alpha: float,
     batch_size: int = 16,
+    mode: str = "fixed",
+    threshold: float = 0.5,
 ) -> float:
-    """Mean KL(p_0 || p_alpha) of the next-token distribution at the last prompt token."""
+    """Mean KL(p_0 || p_alpha) of the next-token distribution at the last prompt token (gated / scaled
+    modes: with each prompt's own gate)."""
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, list(prompts[start : start + batch_size]))
         base = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
-        with _maybe_steered(antidote, model, alpha):
+        with _maybe_steered(antidote, model, alpha, mode, threshold):
             steered = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
         total += float((base.exp() * (base - steered)).sum(-1).sum())
         count += base.shape[0]
@@ -52,8 +57,11 @@ def answer_nll(
     antidote: Antidote | None,
     alpha: float,
     batch_size: int = 8,
+    mode: str = "fixed",
+    threshold: float = 0.5,
 ) -> float:
-    """Mean per-token NLL of `answers` (the undefended model's own) given their prompts, under steering."""
+    """Mean per-token NLL of `answers` (the undefended model's own) given their prompts, under steering.
+    In gated / scaled modes prompt and answer go through in one pass, so the probe reads both."""
     total, tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         texts, answer_lengths = [], []
@@ -66,7 +74,7 @@ def answer_nll(
         if not texts:
             continue
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with _maybe_steered(antidote, model, alpha):
+        with _maybe_steered(antidote, model, alpha, mode, threshold):
             logits = model(**encoded, logits_to_keep=max(answer_lengths) + 1).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, n in enumerate(answer_lengths):
