@@ -180,3 +180,19 @@ def test_utility_metrics_follow_the_gate(qwen2, tokenizer, qwen2_antidote):
     closed = next_token_kl(qwen2, tokenizer, HARMLESS[:3], antidote, alpha, mode="gated", threshold=1.0)
     opened = next_token_kl(qwen2, tokenizer, HARMLESS[:3], antidote, alpha, mode="gated", threshold=0.0)
     assert fixed > 1e-4 and closed == pytest.approx(0.0, abs=1e-6) and opened > 0
+
+
+def test_artifacts_with_an_old_or_an_unknown_probe_pooling(qwen2_antidote, tmp_path):
+    hidden_size = qwen2_antidote.vectors()[qwen2_antidote.layers[0]].numel()
+    probe = HarmProbe(1, torch.zeros(hidden_size), 0.0, torch.zeros(hidden_size), torch.ones(hidden_size))
+    path = Antidote(**{**qwen2_antidote.__dict__, "probe": probe}).save(tmp_path / "p.antidote")
+    with safe_open(str(path), framework="pt") as handle:
+        header, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    meta = json.loads(header["meta"])
+    del meta["probe"]["pooling"]  # written before max pooling existed: read the last token
+    save_file(tensors, tmp_path / "old.antidote", metadata={**header, "meta": json.dumps(meta)})
+    assert Antidote.load(tmp_path / "old.antidote").probe.pooling == "last"
+    meta["probe"]["pooling"] = "attention"
+    save_file(tensors, tmp_path / "new.antidote", metadata={**header, "meta": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match="upgrade jailbreak-antidote"):
+        Antidote.load(tmp_path / "new.antidote")

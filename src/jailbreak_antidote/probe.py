@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .activations import prompt_token_states
 from .blocks import decoder_blocks
-from .errors import InvalidParameter
+from .errors import ArtifactError, InvalidParameter
 from .prompts import check_pairs
 
 # Templates the probe trains on, and templates kept out to choose the layer and calibrate (built-in attacks).
@@ -134,7 +134,10 @@ class HarmProbe:
     def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HarmProbe:
         pooling = meta.get("pooling", "last")  # artifacts written before max pooling read the last token
         if pooling not in POOLINGS:
-            raise InvalidParameter(f"unknown probe pooling {pooling!r}; this version knows {', '.join(POOLINGS)}")
+            raise ArtifactError(
+                f"the artifact's harm probe uses pooling {pooling!r}, which this version does not know (it knows "
+                f"{', '.join(POOLINGS)}); upgrade jailbreak-antidote, or add a new probe with `antidote probe`"
+            )
         return cls(
             layer=int(meta["layer"]), weight=tensors["probe.weight"].float(), bias=float(meta["bias"]),
             mean=tensors["probe.mean"].float(), std=tensors["probe.std"].float(), scale=float(meta["scale"]),
