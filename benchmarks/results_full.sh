@@ -1,28 +1,76 @@
 #!/usr/bin/env bash
 # The full evaluation published in docs/RESULTS.md: the 100 JailbreakBench goals x all built-in attacks x
 # every defense, 64 new tokens, greedy, keyword judge; utility on XSTest (250 safe, 200 unsafe) and the first
-# 250 prompts of harmless_test. bfloat16 weights (about 2x faster than float32 on CPUs with AMX).
-# Each defense is its own resumable command writing into the same directory, most informative first, so an
-# interrupted run loses nothing: rerun this script to continue. About 5 hours on 2 CPU cores, plus about
-# 1 hour for the sweep at the end.
-# Run from the repository root with ../shared/data beside it.
+# 250 prompts of harmless_test; then the alpha sweep and k ablation on a 20-goal slice.
+#
+# It needs about 5 hours of CPU on 2 cores with AMX (bfloat16), more than one working session, so it is
+# kept in parts: after each defense the committed report in $PARTS is rebuilt from the defenses finished so
+# far (`antidote report` combines it with this run's directory, and refuses another configuration or a
+# setting whose numbers do not reproduce), defenses already in it are skipped, and $PARTS/RUNS.md records
+# the machine and time of each. Rerun the script (and commit $PARTS) until it prints "all done".
+#
+# Settings: DEFENSES="a b" (a subset), DTYPE (bfloat16; float32 is faster on CPUs without AMX or
+# AVX512-BF16), BATCH (32), OUT (runs/jbb-full, the rows), PARTS (docs/results/jbb-full), SWEEP=0 (skip the
+# sweep). Run from the repository root with ../shared/data beside it.
 set -euo pipefail
 data=${DATA:-../shared/data}
+dtype=${DTYPE:-bfloat16}
+batch=${BATCH:-32}
 out=${OUT:-runs/jbb-full}
-antidote_file=runs/qwen05-builtin.antidote
+parts=${PARTS:-docs/results/jbb-full}
+antidote_file=${ANTIDOTE:-runs/qwen05-builtin.antidote}
+defenses=${DEFENSES:-none antidote antidote+self-reminder self-reminder icd dense-antidote perplexity paraphrase smoothllm}
+benign=(--xstest "$data/xstest/xstest_prompts.csv" --benign "$data/refusal_direction/splits/harmless_test.json")
+goals="$data/refusal_direction/raw/jailbreakbench.csv"
+
+fast_bf16=$(python -c "from jailbreak_antidote.models import cpu_has_fast_bfloat16 as f; print('yes' if f() else 'no')")
+if [ "$dtype" = bfloat16 ] && [ "$fast_bf16" = no ] && [ "${ALLOW_SLOW:-0}" != 1 ]; then
+  echo "this CPU has neither AMX nor AVX512-BF16: bfloat16 runs several times slower here than where the" >&2
+  echo "published parts ran (docs/BENCHMARKS.md); run on a CPU with them, or set ALLOW_SLOW=1" >&2
+  exit 3
+fi
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 [ -f "$antidote_file" ] || antidote fit --out "$antidote_file"
-for defense in none antidote antidote+self-reminder self-reminder icd dense-antidote perplexity paraphrase smoothllm; do
-  echo "== $defense  started $(date -u +%FT%TZ)"
-  antidote eval -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --attacks all \
-    --defenses "$defense" --max-new-tokens 64 --dtype bfloat16 --batch-size 32 \
-    --xstest "$data/xstest/xstest_prompts.csv" --benign "$data/refusal_direction/splits/harmless_test.json" \
-    --benign-limit 250 --out "$out"
-  echo "== $defense  finished $(date -u +%FT%TZ)"
+
+# Is this setting (a summary.csv line prefix) already in the committed parts?
+in_parts() { [ -f "$1/summary.csv" ] && grep -q "^$2" "$1/summary.csv"; }
+
+# Rebuild the committed report from this run plus what it held, and note where this part ran.
+save_part() {  # $1 run dir, $2 parts dir, $3 what finished, $4 start time
+  local sources=("$1")
+  [ -f "$2/summary.csv" ] && sources+=("$2")
+  antidote report "${sources[@]}" --out "$2"
+  [ -f "$2/RUNS.md" ] || printf '# Where each part of this report ran\n\n' > "$2/RUNS.md"
+  echo "- $3: $4 to $(date -u +%FT%TZ), $cpu, $(nproc) cores, AMX/AVX512-BF16: $fast_bf16, dtype $dtype, batch $batch" >> "$2/RUNS.md"
+}
+
+for defense in $defenses; do
+  if in_parts "$parts" "$defense,[^,]*,[^,]*,[^,]*,dsr,overall,"; then
+    echo "== $defense  already in $parts"
+    continue
+  fi
+  started=$(date -u +%FT%TZ)
+  echo "== $defense  started $started"
+  antidote eval -a "$antidote_file" --goals "$goals" --attacks all --defenses "$defense" --max-new-tokens 64 \
+    --dtype "$dtype" --batch-size "$batch" "${benign[@]}" --benign-limit 250 --out "$out"
+  save_part "$out" "$parts" "$defense" "$started"
 done
-antidote report "$out"
-# Alpha sweep and k ablation (top vs random coordinates) on a 20-goal slice x 4 attacks.
-antidote sweep -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride 5 \
-  --attacks dan,aim,refusal-suppression,developer-mode --factor 0.5 --factor 1 --factor 1.5 --factor 2 \
-  --k 0.01 --k 0.05 --k 0.25 --k 1 --max-new-tokens 64 --dtype bfloat16 --batch-size 32 \
-  --xstest "$data/xstest/xstest_prompts.csv" --benign "$data/refusal_direction/splits/harmless_test.json" \
-  --benign-limit 50 --out "${SWEEP_OUT:-runs/sweep-full}"
+
+# Alpha sweep and k ablation (top vs random coordinates) on a 20-goal slice x 4 attacks, one k at a time.
+if [ "${SWEEP:-1}" = 1 ]; then
+  sweep_parts=${SWEEP_PARTS:-docs/results/sweep-full}
+  for k in 0.01 0.05 0.25 1.0; do
+    if in_parts "$sweep_parts" "antidote,[^,]*,$k,random,dsr,overall,"; then
+      echo "== sweep k=$k  already in $sweep_parts"
+      continue
+    fi
+    started=$(date -u +%FT%TZ)
+    echo "== sweep k=$k  started $started"
+    antidote sweep -a "$antidote_file" --goals "$goals" --stride 5 \
+      --attacks dan,aim,refusal-suppression,developer-mode --factor 0.5 --factor 1 --factor 1.5 --factor 2 \
+      --k "$k" --max-new-tokens 64 --dtype "$dtype" --batch-size "$batch" "${benign[@]}" --benign-limit 50 \
+      --out "${SWEEP_OUT:-runs/sweep-full}"
+    save_part "${SWEEP_OUT:-runs/sweep-full}" "$sweep_parts" "sweep k=$k" "$started"
+  done
+fi
+echo "done: every defense asked for is in $parts"

@@ -67,6 +67,18 @@ def test_foreign_safetensors_and_wrong_version(tmp_path, qwen2_antidote):
         Antidote.load(future)
 
 
+def test_fingerprint_follows_behaviour_not_the_time_of_fitting(tmp_path, qwen2, tokenizer, qwen2_antidote):
+    from conftest import HARMFUL, HARMLESS
+
+    from jailbreak_antidote.fit import fit_antidote
+
+    again = fit_antidote(qwen2, tokenizer, HARMFUL, HARMLESS, k=0.1)
+    again.provenance["created"] = "2000-01-01T00:00:00+00:00"  # a fit on another day
+    assert again.fingerprint() == qwen2_antidote.fingerprint()
+    assert Antidote.load(qwen2_antidote.save(tmp_path / "a.antidote")).fingerprint() == again.fingerprint()
+    assert qwen2_antidote.with_k(0.5).fingerprint() != qwen2_antidote.fingerprint()
+
+
 def test_with_k_remasks_without_refitting(qwen2_antidote):
     denser = qwen2_antidote.with_k(0.5)
     assert torch.equal(denser.directions, qwen2_antidote.directions)

@@ -74,6 +74,17 @@ def test_generate_side_by_side_and_jsonl(model_dir, fitted, prompt_files, tmp_pa
     assert single.exit_code == 0, single.output
 
 
+def test_bfloat16_on_a_cpu_without_bfloat16_units_says_float32_is_faster(model_dir, monkeypatch):
+    import jailbreak_antidote.models as models
+
+    args = ("generate", "-m", str(model_dir), "Hello there", "--max-new-tokens", "2", "--dtype", "bfloat16")
+    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: False)
+    slow = run(*args)
+    assert slow.exit_code == 0 and "--dtype float32 is faster on this machine" in slow.output
+    monkeypatch.setattr(models, "cpu_has_fast_bfloat16", lambda: True)
+    assert "faster on this machine" not in run(*args).output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

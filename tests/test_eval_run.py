@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import pytest
 from conftest import HARMLESS
@@ -22,7 +23,7 @@ def runner(qwen2, tokenizer, qwen2_antidote):
 
 def config(**changes):
     base = dict(
-        model="tiny", model_sha256="x", antidote_sha256="y", max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0
+        model="tiny", model_sha256="x", antidote_fingerprint="y", max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0
     )
     return RunConfig(**{**base, **changes})
 
@@ -117,3 +118,11 @@ def test_refusal_scores_match_plain_teacher_forcing(qwen2, tokenizer):
                 logprobs = torch.log_softmax(qwen2(**ids).logits[0].float(), dim=-1)
             means.append(float(logprobs[-n - 1 : -1].gather(-1, ids["input_ids"][0, -n:, None]).mean()))
         assert abs(score - float(torch.sigmoid(torch.tensor(means[0] - means[1])))) < 1e-4
+
+
+def test_directories_from_before_antidote_fingerprints_are_refused_with_the_fix(runner, tmp_path):
+    old = {**asdict(config()), "antidote_sha256": "file checksum"}
+    del old["antidote_fingerprint"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(InvalidParameter, match=r"older jailbreak-antidote.*another --out"):
+        Evaluation(runner, build_settings(["none"], [0.0], [0.05], ["top"]), []).run(tmp_path, config())

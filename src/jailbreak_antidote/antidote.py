@@ -252,16 +252,28 @@ class Antidote:
             "probe": self.probe.metadata() if self.probe is not None else None,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write a .antidote file (safetensors with JSON metadata) atomically: temp file, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {
             "directions": self.directions.float().contiguous(),
             "masks": self.masks.to(torch.uint8).contiguous(),
         }
         if self.probe is not None:
             tensors.update({name: t.float().contiguous() for name, t in self.probe.tensors().items()})
+        return tensors
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the antidote's behaviour: its tensors and settings, not when or how fast it
+        was fitted. Two fits of the same model and calibration data share it (the file checksum differs)."""
+        behaviour = {key: value for key, value in self.metadata().items() if key not in ("provenance", "stats")}
+        digest = hashlib.sha256(_tensor_digest(self._tensors()).encode())
+        digest.update(json.dumps(behaviour, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a .antidote file (safetensors with JSON metadata) atomically: temp file, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensors()
         meta = self.metadata()
         meta["tensors_sha256"] = _tensor_digest(tensors)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

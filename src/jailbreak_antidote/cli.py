@@ -82,7 +82,7 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _load(model: str | None, dtype: str = "float32", backend: str = "transformers"):
     """(model, tokenizer) on the chosen backend; a llama.cpp model comes with its transformers tokenizer."""
-    from .models import load_model
+    from .models import cpu_has_fast_bfloat16, load_model
 
     if backend == "llamacpp":
         from .llamacpp import LlamaCppModel
@@ -93,6 +93,13 @@ def _load(model: str | None, dtype: str = "float32", backend: str = "transformer
     if backend != "transformers":
         raise InvalidParameter(f"unknown backend {backend!r}; backends: transformers, llamacpp")
     err.print(f"loading model {model or bundled.DEFAULT_MODEL} ({dtype}) ...", highlight=False)
+    if dtype == "bfloat16" and not cpu_has_fast_bfloat16():
+        err.print(
+            "[yellow]note:[/] this CPU has neither AMX nor AVX512-BF16, so bfloat16 runs slower here than "
+            "float32 (about 0.6x in docs/BENCHMARKS.md); --dtype float32 is faster on this machine",
+            highlight=False,
+            soft_wrap=True,
+        )
     return load_model(model, dtype=dtype)
 
 

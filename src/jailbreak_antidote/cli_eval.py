@@ -109,7 +109,7 @@ def _run(
         model=lm.name if on_llamacpp else str(lm.config.antidote_source),
         model_sha256=file_sha256(lm.gguf_path) if on_llamacpp else weights_digest(lm),
         dtype="gguf" if on_llamacpp else dtype, backend=backend, threshold=threshold,
-        antidote_sha256=file_sha256(antidote_path) if antidote_path else None,
+        antidote_fingerprint=antidote.fingerprint() if antidote is not None else None,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
     )  # fmt: skip
     runner = DefenseRunner(
@@ -127,10 +127,10 @@ def _run(
     out.print(f"report: {report}  rows: {out_dir / 'rows.jsonl'}  summary: {out_dir / 'summary.csv'}")
 
 
-def _print_overview(out_dir: Path) -> None:
+def _print_overview(out_dir: Path, summary: list[dict] | None = None) -> None:
     from .eval.report import _fmt, _lookup, setting_label, summarize
 
-    summary = summarize(out_dir)
+    summary = summary if summary is not None else summarize(out_dir)
     overall = _lookup(summary, "dsr", "overall")
     scopes = sorted({r["scope"] for r in summary if r["metric"] == "benign_compliance"})
     table = Table(title="Defense success rate and benign compliance (%; 95% Wilson interval)")
@@ -225,12 +225,28 @@ def sweep(
 
 @app.command("report")
 @friendly_errors
-def report_command(out_dir: Annotated[Path, typer.Argument(help="An evaluation output directory")]) -> None:
-    """Rebuild summary.csv, report.md and the plots of an evaluation directory."""
-    from .eval.report import build_report
+def report_command(
+    sources: Annotated[
+        list[Path],
+        typer.Argument(help="Evaluation directories, or report directories written by `antidote report --out`"),
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the report here [default: into the one source given]"),
+    ] = None,
+) -> None:
+    """Rebuild summary.csv, report.md and the plots of an evaluation directory, or combine several.
 
-    path = build_report(out_dir)
-    _print_overview(out_dir)
+    Several parts (a long run split over sessions or machines) combine only if they were run with the same
+    configuration; a setting found in more than one part must have identical numbers in each."""
+    from .eval.combine import SUMMARY_FILE, build_combined_report, read_summary_csv
+
+    if out_dir is None:
+        if len(sources) > 1:
+            raise InvalidParameter("combining several directories needs --out DIR for the combined report")
+        out_dir = sources[0]
+    path = build_combined_report(sources, out_dir)
+    _print_overview(out_dir, read_summary_csv(out_dir / SUMMARY_FILE))
     out.print(f"report: {path}")
 
 

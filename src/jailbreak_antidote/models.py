@@ -18,6 +18,15 @@ from .errors import ModelLoadError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX512-BF16). Without either, torch
+    converts on the fly and bfloat16 runs slower than float32 (docs/BENCHMARKS.md)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes: no grounds to warn
+        return True
+
+
 def load_model(
     spec: str | None = None, *, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

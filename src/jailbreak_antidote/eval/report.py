@@ -159,7 +159,9 @@ def _fmt(row: dict[str, Any] | None) -> str:
     return f"{100 * row['value']:.1f} [{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}]"
 
 
-def write_report(out_dir: Path, summary: list[dict[str, Any]], judge_agreement: dict | None = None) -> Path:
+def write_report(
+    out_dir: Path, summary: list[dict[str, Any]], judge_agreement: dict | None = None, combined: bool = False
+) -> Path:
     config = json.loads((out_dir / CONFIG_FILE).read_text()) if (out_dir / CONFIG_FILE).is_file() else {}
     overall = _lookup(summary, "dsr", "overall")
     jailbreaks = _lookup(summary, "dsr", "jailbreaks")
@@ -175,6 +177,16 @@ def write_report(out_dir: Path, summary: list[dict[str, Any]], judge_agreement: 
         f"{config.get('temperature')}. Judge: refusal keywords (DSR = share of attack prompts refused; "
         "benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
         "",
+    ]
+    where = "Where and when each part ran: [RUNS.md](RUNS.md)." if (out_dir / "RUNS.md").is_file() else ""
+    if combined:
+        where = (
+            "Combined by `antidote report` from parts run separately with this configuration (a setting found "
+            f"in more than one part had identical numbers in each). {where}"
+        )
+    if where:
+        lines += [where.strip(), ""]
+    lines += [
         "| setting | DSR all | DSR jailbreaks only | "
         + " | ".join(f"{'compliance' if not s.endswith('unsafe') else 'refusal'}: {s}" for s in benign_sets)
         + " | extra generations | extra prompt tokens |",
@@ -279,7 +291,8 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_xlabel("alpha")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / filename, dpi=120)
         plt.close(fig)
@@ -300,7 +313,8 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("defense success rate")
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
+            ax.legend(fontsize=8)
         ax.set_title("Safety vs helpfulness (up and right is better)")
         fig.tight_layout()
         fig.savefig(out_dir / "pareto.png", dpi=120)
@@ -326,7 +340,8 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_xlabel("k (fraction of coordinates steered)")
         ax.set_ylabel("defense success rate")
         ax.set_title(f"Sparsity ablation at alpha {alpha:g}")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "k_ablation.png", dpi=120)
         plt.close(fig)

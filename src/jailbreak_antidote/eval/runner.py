@@ -42,7 +42,7 @@ class RunConfig:
 
     model: str
     model_sha256: str
-    antidote_sha256: str | None
+    antidote_fingerprint: str | None  # Antidote.fingerprint(): the same for two fits of the same data
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -107,6 +107,11 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
         existing.setdefault("dtype", "float32")  # directories written before these options existed
         existing.setdefault("backend", "transformers")
         existing.setdefault("threshold", 0.5)
+        if "antidote_sha256" in existing:
+            raise InvalidParameter(
+                f"{out_dir} was written by an older jailbreak-antidote that identified the antidote by its file "
+                "checksum; finish that run with the older version, or use another --out directory"
+            )
         if existing != asdict(config):
             raise InvalidParameter(
                 f"{out_dir} holds rows from a different configuration ({config.describe_difference(existing)}); "
