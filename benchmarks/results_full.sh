@@ -3,19 +3,21 @@
 # every defense, 64 new tokens, greedy, keyword judge; utility on XSTest (250 safe, 200 unsafe) and the first
 # 250 prompts of harmless_test; then the alpha sweep and k ablation on a 20-goal slice.
 #
-# It needs about 5 hours of CPU on 2 cores with AMX (bfloat16), more than one working session, so it is
-# kept in parts: after each defense the committed report in $PARTS is rebuilt from the defenses finished so
-# far (`antidote report` combines it with this run's directory, and refuses another configuration or a
-# setting whose numbers do not reproduce), defenses already in it are skipped, and $PARTS/RUNS.md records
-# the machine and time of each. Rerun the script (and commit $PARTS) until it prints "all done".
+# float32, because its numbers reproduce across CPUs (docs/RESULTS.md: the same slice on two CPU models
+# gave identical summaries), so parts may run on different machines. It needs about 15 hours of CPU on
+# 2 cores, far more than one working session, so it is kept in parts: after each defense the committed
+# report in $PARTS is rebuilt from the defenses finished so far (`antidote report` combines it with this
+# run's directory, and refuses another configuration or a setting whose numbers do not reproduce),
+# defenses already in it are skipped, and $PARTS/RUNS.md records the machine and time of each. Rerun the
+# script (and commit $PARTS and the sweep's) until nothing is left to run.
 #
-# Settings: DEFENSES="a b" (a subset), DTYPE (bfloat16; float32 is faster on CPUs without AMX or
-# AVX512-BF16), BATCH (32), OUT (runs/jbb-full, the rows), PARTS (docs/results/jbb-full), SWEEP=0 (skip the
-# sweep). Run from the repository root with ../shared/data beside it.
+# Settings: DEFENSES="a b" (a subset), DTYPE (float32; bfloat16 is 2.5x faster on CPUs with AMX, but its
+# numbers were not checked across CPUs), BATCH (64), OUT (runs/jbb-full, the rows), PARTS (docs/results/jbb-full),
+# SWEEP=0 (skip the sweep). Run from the repository root with ../shared/data beside it.
 set -euo pipefail
 data=${DATA:-../shared/data}
-dtype=${DTYPE:-bfloat16}
-batch=${BATCH:-32}
+dtype=${DTYPE:-float32}
+batch=${BATCH:-64}
 out=${OUT:-runs/jbb-full}
 parts=${PARTS:-docs/results/jbb-full}
 antidote_file=${ANTIDOTE:-runs/qwen05-builtin.antidote}
@@ -25,8 +27,8 @@ goals="$data/refusal_direction/raw/jailbreakbench.csv"
 
 fast_bf16=$(python -c "from jailbreak_antidote.models import cpu_has_fast_bfloat16 as f; print('yes' if f() else 'no')")
 if [ "$dtype" = bfloat16 ] && [ "$fast_bf16" = no ] && [ "${ALLOW_SLOW:-0}" != 1 ]; then
-  echo "this CPU has neither AMX nor AVX512-BF16: bfloat16 runs several times slower here than where the" >&2
-  echo "published parts ran (docs/BENCHMARKS.md); run on a CPU with them, or set ALLOW_SLOW=1" >&2
+  echo "this CPU has neither AMX nor AVX512-BF16: bfloat16 runs slower here than float32 (docs/BENCHMARKS.md);" >&2
+  echo "use DTYPE=float32, or set ALLOW_SLOW=1" >&2
   exit 3
 fi
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)

@@ -58,8 +58,8 @@ def load_part(path: Path) -> Part:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise InvalidParameter(
-            f"{path} has no {CONFIG_FILE}, so it cannot be checked against the other parts; "
-            "report each run from its own evaluation directory"
+            f"{path} has no {CONFIG_FILE} (written by `antidote eval` and by `antidote report --out`), so the "
+            "configuration of its numbers is unknown; report from the run's evaluation directory instead"
         )
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if (path / ROWS_FILE).is_file() or (path / UTILITY_FILE).is_file():
