@@ -41,8 +41,9 @@ in_parts() { [ -f "$1/summary.csv" ] && grep -q "^$2" "$1/summary.csv"; }
 save_part() {  # $1 run dir, $2 parts dir, $3 what finished, $4 start time
   local sources=("$1")
   [ -f "$2/summary.csv" ] && sources+=("$2")
-  antidote report "${sources[@]}" --out "$2"
+  mkdir -p "$2"
   [ -f "$2/RUNS.md" ] || printf '# Where each part of this report ran\n\n' > "$2/RUNS.md"
+  antidote report "${sources[@]}" --out "$2"
   echo "- $3: $4 to $(date -u +%FT%TZ), $cpu, $(nproc) cores, AMX/AVX512-BF16: $fast_bf16, dtype $dtype, batch $batch" >> "$2/RUNS.md"
 }
 

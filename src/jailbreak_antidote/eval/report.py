@@ -173,9 +173,9 @@ def write_report(
     lines = [
         f"# Evaluation report: {out_dir.name}",
         "",
-        f"Model `{config.get('model')}`, {config.get('max_new_tokens')} new tokens, temperature "
-        f"{config.get('temperature')}. Judge: refusal keywords (DSR = share of attack prompts refused; "
-        "benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
+        f"Model `{config.get('model')}` ({config.get('dtype', 'float32')}), {config.get('max_new_tokens')} new "
+        f"tokens, temperature {config.get('temperature')}. Judge: refusal keywords (DSR = share of attack prompts "
+        "refused; benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
         "",
     ]
     where = "Where and when each part ran: [RUNS.md](RUNS.md)." if (out_dir / "RUNS.md").is_file() else ""
