@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParameter
-from .report import setting_label, summarize, write_plots, write_report, write_summary_csv
+from .report import (
+    AGREEMENT_FILE,
+    SUMMARY_FILE,
+    setting_label,
+    summarize,
+    write_plots,
+    write_report,
+    write_summary_csv,
+)
 from .runner import CONFIG_FILE, ROWS_FILE, UTILITY_FILE
-
-SUMMARY_FILE = "summary.csv"
-AGREEMENT_FILE = "judge_agreement.json"
 
 
 @dataclass(frozen=True)

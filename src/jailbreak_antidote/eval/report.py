@@ -15,6 +15,10 @@ import torch
 from ..errors import InvalidParameter
 from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE
 
+SUMMARY_FILE = "summary.csv"
+AGREEMENT_FILE = "judge_agreement.json"
+RUNS_FILE = "RUNS.md"  # written by benchmarks/results_full.sh beside a report kept in parts
+
 SettingKey = tuple[str, float, float | None, str | None]
 JUDGE = "keyword_refusal"
 
@@ -178,14 +182,16 @@ def write_report(
         "refused; benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
         "",
     ]
-    where = "Where and when each part ran: [RUNS.md](RUNS.md)." if (out_dir / "RUNS.md").is_file() else ""
+    notes = []
     if combined:
-        where = (
+        notes.append(
             "Combined by `antidote report` from parts run separately with this configuration (a setting found "
-            f"in more than one part had identical numbers in each). {where}"
+            "in more than one part had identical numbers in each)."
         )
-    if where:
-        lines += [where.strip(), ""]
+    if (out_dir / RUNS_FILE).is_file():
+        notes.append(f"Where and when each part ran: [{RUNS_FILE}]({RUNS_FILE}).")
+    if notes:
+        lines += [" ".join(notes), ""]
     lines += [
         "| setting | DSR all | DSR jailbreaks only | "
         + " | ".join(f"{'compliance' if not s.endswith('unsafe') else 'refusal'}: {s}" for s in benign_sets)
@@ -249,6 +255,11 @@ def write_report(
     return path
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
+        ax.legend(fontsize=8)
+
+
 def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
@@ -291,8 +302,7 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_xlabel("alpha")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.02, 1.02)
-        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
-            ax.legend(fontsize=8)
+        _legend(ax)
         fig.tight_layout()
         fig.savefig(out_dir / filename, dpi=120)
         plt.close(fig)
@@ -313,8 +323,7 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("defense success rate")
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
-        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
-            ax.legend(fontsize=8)
+        _legend(ax)
         ax.set_title("Safety vs helpfulness (up and right is better)")
         fig.tight_layout()
         fig.savefig(out_dir / "pareto.png", dpi=120)
@@ -340,8 +349,7 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         ax.set_xlabel("k (fraction of coordinates steered)")
         ax.set_ylabel("defense success rate")
         ax.set_title(f"Sparsity ablation at alpha {alpha:g}")
-        if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
-            ax.legend(fontsize=8)
+        _legend(ax)
         fig.tight_layout()
         fig.savefig(out_dir / "k_ablation.png", dpi=120)
         plt.close(fig)
@@ -350,9 +358,7 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
 
 
 def build_report(out_dir: Path) -> Path:
-    summary = summarize(out_dir)
-    write_summary_csv(summary, out_dir / "summary.csv")
-    write_plots(out_dir, summary)
-    agreement_path = out_dir / "judge_agreement.json"
-    agreement = json.loads(agreement_path.read_text()) if agreement_path.is_file() else None
-    return write_report(out_dir, summary, agreement)
+    """summary.csv, plots and report.md of one evaluation directory, written into it."""
+    from .combine import build_combined_report  # combine builds on this module
+
+    return build_combined_report([out_dir], out_dir)
