@@ -63,7 +63,8 @@ done
 if [ "${SWEEP:-1}" = 1 ]; then
   sweep_parts=${SWEEP_PARTS:-docs/results/sweep-full}
   for k in 0.01 0.05 0.25 1.0; do
-    if in_parts "$sweep_parts" "antidote,[^,]*,$k,random,dsr,overall,"; then
+    selector=random; [ "$k" = 1.0 ] && selector=top  # at k = 1 the sweep runs one selector (they agree)
+    if in_parts "$sweep_parts" "antidote,[^,]*,$k,$selector,dsr,overall,"; then
       echo "== sweep k=$k  already in $sweep_parts"
       continue
     fi

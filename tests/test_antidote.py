@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import build_model
 
-from jailbreak_antidote.antidote import Antidote
+from jailbreak_antidote.antidote import Antidote, sparse_mask
 from jailbreak_antidote.errors import ArtifactError, ArtifactMismatch, InvalidParameter
 from jailbreak_antidote.models import encode_prompts
 
@@ -86,6 +86,13 @@ def test_with_k_remasks_without_refitting(qwen2_antidote):
     assert (denser.masks | ~qwen2_antidote.masks).all()  # top-k sets are nested
     with pytest.raises(InvalidParameter):
         qwen2_antidote.with_k(0)
+
+
+def test_selectors_agree_when_every_coordinate_is_kept():
+    # Why the sweep runs k = 1 once, not once per selector.
+    direction = torch.randn(64)
+    assert torch.equal(sparse_mask(direction, 1.0, "top", seed=0), sparse_mask(direction, 1.0, "random", seed=3))
+    assert sparse_mask(direction, 1.0, "random", seed=3).all()
 
 
 def test_arithmetic(qwen2, tokenizer, qwen2_antidote):

@@ -122,7 +122,9 @@ def test_smoothllm_perturbation_is_seeded_and_sized():
 def test_build_settings():
     settings = build_settings(["none", "antidote", "dense-antidote"], [0.5, 1.0], [0.05, 1.0], ["top", "random"])
     assert Setting("none") in settings
-    assert sum(s.defense == "antidote" for s in settings) == 8
+    # k = 0.05 x 2 alphas x 2 selectors, plus k = 1 x 2 alphas once: the selectors agree there.
+    assert sum(s.defense == "antidote" for s in settings) == 6
+    assert {s.selector for s in settings if s.defense == "antidote" and s.k == 1.0} == {"top"}
     assert [s.k for s in settings if s.defense == "dense-antidote"] == [1.0, 1.0]
     with pytest.raises(InvalidParameter, match="unknown defense"):
         build_settings(["rlhf"], [1.0], [0.05], ["top"])

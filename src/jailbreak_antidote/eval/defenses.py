@@ -271,5 +271,6 @@ def build_settings(
         elif defense == "dense-antidote":
             settings += [Setting(defense, alpha, 1.0, "top") for alpha in alphas]
         else:
-            settings += [Setting(defense, a, k, s) for a in alphas for k in ks for s in selectors]
+            # At k = 1 every selector keeps every coordinate: one setting, not one per selector.
+            settings += [Setting(defense, a, k, "top" if k >= 1 else s) for a in alphas for k in ks for s in selectors]
     return list(dict.fromkeys(settings))
