@@ -203,7 +203,10 @@ def sweep(
     ] = None,
     alpha: Annotated[list[float] | None, typer.Option(help="Absolute alphas (instead of --factor)")] = None,
     k: Annotated[list[float] | None, typer.Option(help="Sparsity grid [default: 0.01 0.025 0.05 0.1 0.25 1]")] = None,
-    selector: Annotated[list[str] | None, typer.Option(help="Coordinate selectors [default: top random]; k = 1 runs once, as top (both keep all)")] = None,
+    selector: Annotated[
+        list[str] | None,
+        typer.Option(help="Coordinate selectors [default: top random]; k = 1 runs once, as top (both keep all)"),
+    ] = None,
     max_new_tokens: TokensOption = 64,
     batch_size: BatchOption = 16,
     limit: LimitOption = None,
