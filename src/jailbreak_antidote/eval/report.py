@@ -260,6 +260,13 @@ def _legend(ax) -> None:
         ax.legend(fontsize=8)
 
 
+def alpha_curves(source: dict[SettingKey, Any], defense: str) -> list[tuple[str, list[SettingKey]]]:
+    """One alpha curve per k of a steered defense's top-|d| settings (a sweep over k gets one line per k)."""
+    keys = sorted(key for key in source if key[0] == defense and key[3] == "top")
+    ks = sorted({key[2] for key in keys})
+    return [(f"{defense} k={k:g}" if len(ks) > 1 else defense, [key for key in keys if key[2] == k]) for k in ks]
+
+
 def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
@@ -273,13 +280,6 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
     baselines = {k: v for k, v in overall.items() if k[2] is None}
     written: list[Path] = []
 
-    def curve(source: dict, defense: str, k: float | None = None, selector: str = "top"):
-        keys = sorted(key for key in source if key[0] == defense and key[3] == selector and (k is None or key[2] == k))
-        if k is None and keys:  # the most common k for this defense
-            common = max({key[2] for key in keys}, key=lambda value: sum(key[2] == value for key in keys))
-            keys = [key for key in keys if key[2] == common]
-        return keys
-
     for source, ylabel, filename in (
         (overall, "defense success rate (all attack prompts)", "dsr_vs_alpha.png"),
         (compliance, f"benign compliance ({scope})", "compliance_vs_alpha.png"),
@@ -288,13 +288,8 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for defense in steered:
-            keys = curve(source, defense)
-            ax.plot(
-                [k[1] for k in keys],
-                [source[k]["value"] for k in keys],
-                marker="o",
-                label=setting_label(keys[0]).split(" a=")[0],
-            )
+            for label, keys in alpha_curves(source, defense):
+                ax.plot([k[1] for k in keys], [source[k]["value"] for k in keys], marker="o", label=label)
         for key, row in source.items():
             if key[2] is None:
                 ax.axhline(row["value"], linestyle=":", linewidth=1, color="grey")
@@ -311,10 +306,11 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
     if compliance and overall:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for defense in steered:
-            keys = [k for k in curve(overall, defense) if k in compliance]
-            if keys:
-                ax.plot([compliance[k]["value"] for k in keys], [overall[k]["value"] for k in keys], marker="o",
-                        label=f"{defense} (alpha sweep)")  # fmt: skip
+            for label, keys in alpha_curves(overall, defense):
+                keys = [k for k in keys if k in compliance]
+                if keys:
+                    ax.plot([compliance[k]["value"] for k in keys], [overall[k]["value"] for k in keys], marker="o",
+                            label=f"{label} (alpha sweep)")  # fmt: skip
         for key in baselines:
             if key in compliance:
                 ax.scatter(compliance[key]["value"], overall[key]["value"], marker="s")
