@@ -63,8 +63,7 @@ done
 if [ "${SWEEP:-1}" = 1 ]; then
   sweep_parts=${SWEEP_PARTS:-docs/results/sweep-full}
   for k in 0.01 0.05 0.25 1.0; do
-    selector=random; [ "$k" = 1.0 ] && selector=top  # at k = 1 the sweep runs one selector (they agree)
-    if in_parts "$sweep_parts" "antidote,[^,]*,$k,$selector,dsr,overall,"; then
+    if in_parts "$sweep_parts" "antidote,[^,]*,$k,top,dsr,overall,"; then  # parts are saved only when complete
       echo "== sweep k=$k  already in $sweep_parts"
       continue
     fi
