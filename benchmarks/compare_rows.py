@@ -11,15 +11,14 @@ counts.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
+from jailbreak_antidote.eval.runner import read_rows
+
 
 def load(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)[0] if path.exists() else []
 
 
 def compare(rows: list[dict], defense: str, key: str, examples: int) -> None:

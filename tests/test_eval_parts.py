@@ -56,7 +56,7 @@ def test_external_attack_files(tmp_path):
     jsonl.write_text(json.dumps({"goal": "g", "attack": "x", "prompt": "p"}) + "\n")
     assert read_attack_file(jsonl)[0].prompt == "p"
     (tmp_path / "bad.jsonl").write_text('{"goal": "g"}\n')
-    with pytest.raises(PromptFileError, match="missing attack, prompt"):
+    with pytest.raises(PromptFileError, match="missing or non-text attack, prompt"):
         read_attack_file(tmp_path / "bad.jsonl")
     (tmp_path / "nogoal.csv").write_text("a,b\n1,2\n")
     with pytest.raises(PromptFileError, match="no Goal column"):

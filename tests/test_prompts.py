@@ -35,7 +35,7 @@ def test_builtin_demo_prompts():
         ("c.jsonl", '{"prompt": "one"}\n\n{"prompt": "two"}\n'),
         ("d.csv", 'Goal,Target\none,x\n"two",y\n'),
         ("e.csv", "id,prompt,type\n1,one,a\n2,two,b\n"),
-        ("f.txt", "one\n\n  two  \n"),
+        ("f.txt", "one\n\n  \ntwo\n"),  # blank lines skipped, prompts kept exactly as written
         ("g.json", json.dumps({"prompts": ["one", "two"]})),
     ],
 )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -16,6 +14,7 @@ from rich.table import Table
 
 from . import bundled
 from .errors import AntidoteError, InvalidParameter
+from .textfiles import jsonl_text, write_text_atomic
 
 app = typer.Typer(
     help="Jailbreak Antidote: steer a chat LLM's hidden states along a sparse safety direction at run time.\n\n"
@@ -69,15 +68,7 @@ def friendly_errors(command: F) -> F:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_text_atomic(path, jsonl_text(rows))
 
 
 def _load(model: str | None, dtype: str = "float32", backend: str = "transformers"):

@@ -7,15 +7,14 @@ The text field is found by name: `prompt`, `instruction`, `goal`/`Goal` (Jailbre
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import PromptFileError
+from .textfiles import csv_table, iter_jsonl, jsonl_lines, read_text, text_lines
 
 TEXT_FIELDS = ("prompt", "instruction", "goal", "Goal", "forbidden_prompt", "Behavior", "behavior", "text")
 
@@ -33,7 +32,7 @@ class CalibrationSet:
 def builtin_calibration() -> CalibrationSet:
     """The project's own matched harmful/harmless pairs (written for this package, see data/)."""
     text = resources.files(__package__).joinpath("data/calibration.jsonl").read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = [json.loads(line) for _, line in jsonl_lines(text)]
     return CalibrationSet(
         harmful=[r["harmful"] for r in rows],
         harmless=[r["harmless"] for r in rows],
@@ -52,7 +51,7 @@ def _pick_field(row: dict[str, Any], field: str | None, where: str) -> str:
     for name in names:
         value = row.get(name)
         if isinstance(value, str) and value.strip():
-            return value.strip()
+            return value
     raise PromptFileError(
         f"{where}: no prompt text; expected a non-empty field named "
         f"{' or '.join(repr(n) for n in names)}, found fields {sorted(row)}"
@@ -61,21 +60,17 @@ def _pick_field(row: dict[str, Any], field: str | None, where: str) -> str:
 
 def _from_item(item: Any, field: str | None, where: str) -> str:
     if isinstance(item, str) and item.strip():
-        return item.strip()
+        return item
     if isinstance(item, dict):
         return _pick_field(item, field, where)
     raise PromptFileError(f"{where}: expected a string or an object with a prompt field, got {item!r:.60}")
 
 
 def read_prompts(path: str | Path, field: str | None = None) -> list[str]:
-    """Read prompts from a .json, .jsonl, .csv or .txt file. Raises PromptFileError with the fix."""
+    """Read prompts from a .json, .jsonl, .csv or .txt file, each exactly as the file holds it (blank ones
+    skipped in text and CSV files). Raises PromptFileError with the fix."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PromptFileError(f"cannot read prompt file {str(path)!r}: {exc}") from None
+    text = read_text(path, "prompt file")
     suffix = path.suffix.lower()
     if suffix == ".json":
         prompts = _read_json(text, path, field)
@@ -84,7 +79,7 @@ def read_prompts(path: str | Path, field: str | None = None) -> list[str]:
     elif suffix == ".csv":
         prompts = _read_csv(text, path, field)
     else:  # .txt or anything else: one prompt per line
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = text_lines(text)
     if not prompts:
         raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
     return prompts
@@ -105,31 +100,19 @@ def _read_json(text: str, path: Path, field: str | None) -> list[str]:
     return [_from_item(item, field, f"{path} item {i}") for i, item in enumerate(data)]
 
 
-def iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; a malformed line is a PromptFileError."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-
-
 def _read_jsonl(text: str, path: Path, field: str | None) -> list[str]:
     return [_from_item(item, field, f"{path} line {number}") for number, item in iter_jsonl(text, path)]
 
 
 def _read_csv(text: str, path: Path, field: str | None) -> list[str]:
-    reader = csv.DictReader(text.splitlines())
-    columns = reader.fieldnames or []
+    columns, records = csv_table(text, path)
     names = (field,) if field else TEXT_FIELDS
     column = next((n for n in names if n in columns), None)
     if column is None:
         raise PromptFileError(
             f"{path}: no prompt column; expected one of {', '.join(names)}, found {', '.join(columns) or 'none'}"
         )
-    return [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    return [row[column] for row in records if (row.get(column) or "").strip()]
 
 
 def check_pairs(harmful: list[str], harmless: list[str], minimum: int = 8) -> None:

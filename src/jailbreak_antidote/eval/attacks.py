@@ -10,13 +10,12 @@ PandaGuard "expanded" CSV, or JSONL rows) add any other attack, for example PAIR
 from __future__ import annotations
 
 import base64
-import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidParameter, PromptFileError
-from ..prompts import iter_jsonl
+from ..textfiles import csv_table, iter_jsonl, read_text
 
 
 @dataclass(frozen=True)
@@ -162,6 +161,10 @@ class AttackPrompt:
     category: str | None = None
 
 
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 def read_attack_file(path: str | Path) -> list[AttackPrompt]:
     """Attack prompts from a JailbreakBench/PandaGuard "expanded" CSV or a JSONL file.
 
@@ -169,21 +172,18 @@ def read_attack_file(path: str | Path) -> list[AttackPrompt]:
     that goal (an empty cell means "use the Goal"). JSONL: rows {"goal", "attack", "prompt"}.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"attack file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "attack file")
     rows: list[AttackPrompt] = []
     if path.suffix.lower() == ".jsonl":
         for number, item in iter_jsonl(text, path):
             if not isinstance(item, dict):
                 raise PromptFileError(f"{path} line {number}: expected an object with goal, attack and prompt")
-            missing = [key for key in ("goal", "attack", "prompt") if not str(item.get(key) or "").strip()]
+            missing = [key for key in ("goal", "attack", "prompt") if not _is_text(item.get(key))]
             if missing:
-                raise PromptFileError(f"{path} line {number}: missing {', '.join(missing)}")
-            rows.append(AttackPrompt(item["goal"].strip(), item["attack"], item["prompt"], item.get("category")))
+                raise PromptFileError(f"{path} line {number}: missing or non-text {', '.join(missing)}")
+            rows.append(AttackPrompt(item["goal"], item["attack"], item["prompt"], item.get("category")))
     elif path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        columns = reader.fieldnames or []
+        columns, records = csv_table(text, path)
         goal_column = next((c for c in ("Goal", "goal") if c in columns), None)
         if goal_column is None:
             raise PromptFileError(f"{path}: no Goal column (found {', '.join(columns) or 'none'})")
@@ -191,13 +191,14 @@ def read_attack_file(path: str | Path) -> list[AttackPrompt]:
         attacks = [c for c in columns if c not in skip]
         if not attacks:
             raise PromptFileError(f"{path}: no attack columns besides {goal_column}; add one column per attack")
-        for record in reader:
-            goal = (record.get(goal_column) or "").strip()
-            if not goal:
+        for record in records:
+            goal = record.get(goal_column) or ""
+            if not goal.strip():
                 continue
             category = record.get("Category") or record.get("category")
             for attack in attacks:
-                prompt = (record.get(attack) or "").strip() or goal
+                prompt = record.get(attack) or ""
+                prompt = prompt if prompt.strip() else goal
                 rows.append(AttackPrompt(goal, attack, prompt, category))
     else:
         raise PromptFileError(f"{path}: attack files must be .csv (expanded layout) or .jsonl")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PromptFileError
-from ..prompts import read_prompts
+from ..prompts import TEXT_FIELDS, read_prompts
+from ..textfiles import csv_table, read_text
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,10 @@ def read_goals(path: str | Path) -> list[Goal]:
     texts = read_prompts(path)
     categories: list[str | None] = [None] * len(texts)
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
-        column = next((c for c in ("Category", "category", "SemanticCategory") if rows and c in rows[0]), None)
+        columns, rows = csv_table(read_text(path, "goals file"), path)
+        text_column = next((c for c in TEXT_FIELDS if c in columns), None)
+        rows = [row for row in rows if (row.get(text_column) or "").strip()]  # the rows read_prompts keeps
+        column = next((c for c in ("Category", "category", "SemanticCategory") if c in columns), None)
         if column is not None and len(rows) == len(texts):
             categories = [row[column] or None for row in rows]
     duplicates = [text for text, n in Counter(texts).items() if n > 1]
@@ -40,12 +42,9 @@ def read_goals(path: str | Path) -> list[Goal]:
 def read_xstest(path: str | Path) -> tuple[list[str], list[str]]:
     """XSTest prompts split by their `label` column: (safe prompts, unsafe contrast prompts)."""
     path = Path(path)
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except OSError as exc:
-        raise PromptFileError(f"cannot read XSTest file {str(path)!r}: {exc}") from None
-    if not rows or not {"prompt", "label"} <= set(rows[0]):
+    columns, rows = csv_table(read_text(path, "XSTest file"), path)
+    if not rows or not {"prompt", "label"} <= set(columns):
         raise PromptFileError(f"{path}: expected XSTest columns 'prompt' and 'label' (safe/unsafe)")
-    safe = [r["prompt"].strip() for r in rows if r["label"].strip() == "safe" and r["prompt"].strip()]
-    unsafe = [r["prompt"].strip() for r in rows if r["label"].strip() == "unsafe" and r["prompt"].strip()]
+    safe = [r["prompt"] for r in rows if (r["label"] or "").strip() == "safe" and (r["prompt"] or "").strip()]
+    unsafe = [r["prompt"] for r in rows if (r["label"] or "").strip() == "unsafe" and (r["prompt"] or "").strip()]
     return safe, unsafe

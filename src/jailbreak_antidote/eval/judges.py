@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..antidote import Antidote
 from ..errors import PromptFileError
 from ..models import Chat, cache_argument, render_prompt, returned_cache
+from ..textfiles import csv_table, read_text
 
 # Phrases that mark a refusal anywhere in the opening of an answer (JailbreakBench's list, extended).
 REFUSAL_PHRASES = (
@@ -185,18 +185,14 @@ def read_labelled_completions(path: str | Path) -> list[LabelledCompletion]:
     """XSTest v2 completions with human labels (final_label 1_full_compliance / 2_full_refusal /
     3_partial_refusal); partial refusals count as refusals."""
     path = Path(path)
-    try:
-        reader = csv.DictReader(path.read_text(encoding="utf-8").splitlines(keepends=True))
-        rows = list(reader)
-    except OSError as exc:
-        raise PromptFileError(f"cannot read labelled completions {str(path)!r}: {exc}") from None
+    columns, rows = csv_table(read_text(path, "labelled completions file"), path)
     needed = {"prompt", "completion", "final_label"}
-    if not rows or not needed <= set(rows[0]):
+    if not rows or not needed <= set(columns):
         raise PromptFileError(f"{path}: expected XSTest completion columns {sorted(needed)}")
     return [
         LabelledCompletion(r["prompt"], r["completion"], not r["final_label"].startswith("1"))
         for r in rows
-        if r["final_label"].strip()
+        if (r["final_label"] or "").strip()
     ]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameter
-from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE
+from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE, read_rows
 
 SUMMARY_FILE = "summary.csv"
 AGREEMENT_FILE = "judge_agreement.json"
@@ -34,9 +34,8 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a run's JSONL file; a torn last line (a run still writing, or stopped mid-write) is left out."""
+    return read_rows(path)[0] if path.is_file() else []
 
 
 def setting_key(row: dict[str, Any]) -> SettingKey:

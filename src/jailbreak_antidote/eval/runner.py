@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from ..errors import InvalidParameter
+from ..textfiles import jsonl_lines, jsonl_text, read_text, write_text_atomic
 from .attacks import AttackPrompt
 from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
 from .judges import is_refusal
@@ -64,6 +65,29 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether the last line was torn) of a JSONL rows file written by this module.
+
+    A run stopped mid-write leaves a torn last line: it is dropped (the rerun recomputes it). A bad line
+    anywhere else, or a line that is not an object, is an InvalidParameter naming the line."""
+    text = read_text(path, "rows file")
+    lines = list(jsonl_lines(text))
+    rows: list[dict[str, Any]] = []
+    for position, (number, line) in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if position == len(lines):
+                return rows, True
+            raise InvalidParameter(
+                f"{path} line {number} is corrupt ({exc.msg}); delete that line or the file"
+            ) from None
+        if not isinstance(row, dict):
+            raise InvalidParameter(f"{path} line {number} is not a JSON object; delete that line or the file")
+        rows.append(row)
+    return rows, False
+
+
 class RowStore:
     """Append-only JSONL rows keyed by a tuple of fields; tolerant of a torn last line after a crash."""
 
@@ -72,17 +96,9 @@ class RowStore:
         self.key_fields = tuple(key_fields)
         self.rows: list[dict[str, Any]] = []
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            for number, line in enumerate(lines, start=1):
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if number != len(lines):
-                        raise InvalidParameter(
-                            f"{path} line {number} is corrupt; delete that line or the file"
-                        ) from None
-            if lines and len(self.rows) < len(lines):  # drop the torn tail so appends stay valid JSONL
-                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
+            self.rows, torn = read_rows(path)
+            if torn:  # drop the torn tail so appends stay valid JSONL
+                write_text_atomic(path, jsonl_text(self.rows))
         self.keys = {self.key(row) for row in self.rows}
 
     def key(self, row: dict[str, Any]) -> tuple[Any, ...]:
@@ -90,8 +106,8 @@ class RowStore:
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(jsonl_text(rows))
         self.rows += rows
         self.keys |= {self.key(r) for r in rows}
 

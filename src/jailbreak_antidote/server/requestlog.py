@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+from ..textfiles import jsonl_line
 
 
 class RequestLog:
@@ -19,7 +20,7 @@ class RequestLog:
         self._handle: TextIO = sys.stderr
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the server's life
+            self._handle = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - kept open for the server's life
         self._owned = path is not None
 
     def write(self, entry: dict[str, Any], prompt: Any = None, completion: str | None = None) -> None:
@@ -27,7 +28,7 @@ class RequestLog:
         if self.log_prompts:
             line["prompt"], line["completion"] = prompt, completion
         with self._lock:
-            self._handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._handle.write(jsonl_line(line))
             self._handle.flush()
 
     def close(self) -> None:

@@ -1,0 +1,107 @@
+"""Read and write the project's text files (JSONL, CSV, plain text) so that every Unicode character round-trips.
+
+`str.splitlines()` is wrong for these formats: it also splits on U+2028/U+2029, U+0085 and the control
+characters \\x1c-\\x1e, which JSON strings may hold unescaped, and it cuts quoted CSV cells that span lines
+before `csv` sees them. Here JSONL is split on "\\n" only, CSV goes through the `csv` module over the whole
+text, and files are read without newline translation, so a reader returns exactly what the file holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import PromptFileError
+
+_JSON_WHITESPACE = " \t\r\n"  # what JSON allows between tokens; str.strip() would also eat U+2028 etc.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line ends of a plain text file (Unix, Windows, old Mac)
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The whole file as UTF-8 (a leading byte-order mark dropped), without newline translation.
+
+    Raises PromptFileError naming the file when it is missing, unreadable or not UTF-8."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise PromptFileError(f"{what} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"{what} {str(path)!r} is a directory; give a file") from None
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"cannot read {what} {str(path)!r}: not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start}); save it as UTF-8") from None  # fmt: skip
+    except OSError as exc:
+        raise PromptFileError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def text_lines(text: str) -> list[str]:
+    """Non-blank lines of a plain text file, split at line ends only (\\n, \\r\\n or \\r), kept as written."""
+    return [line for line in _LINE_BREAK.split(text) if line.strip()]
+
+
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for each line of JSONL text that is not blank, split on "\\n" only."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip(_JSON_WHITESPACE):
+            yield number, line
+
+
+def iter_jsonl(text: str, where: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank JSONL line; a malformed line is a PromptFileError."""
+    for number, line in jsonl_lines(text):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{where} line {number}: not valid JSON ({exc.msg})") from None
+
+
+def csv_table(text: str, where: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows as dicts keyed by it) of CSV text; quoted cells keep their line breaks.
+
+    Raises PromptFileError naming the file and line when the csv module cannot parse it."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+    except csv.Error as exc:
+        raise PromptFileError(f"{where} line {reader.line_num}: not valid CSV ({exc})") from None
+
+
+def jsonl_line(value: Any) -> str:
+    """One JSONL line (with its "\\n") that `json.loads` turns back into `value`.
+
+    Non-ASCII text is written as itself; a string holding a lone surrogate (not encodable as UTF-8) makes
+    the line fall back to ASCII escapes, which still round-trip."""
+    line = json.dumps(value, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(value)
+    return line + "\n"
+
+
+def jsonl_text(rows: Iterable[Any]) -> str:
+    return "".join(jsonl_line(row) for row in rows)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` as UTF-8 to `path` through a temporary file in the same folder, so that readers and a
+    crash never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
