@@ -9,7 +9,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import find_decoder
-from .models import encode_prompts, hidden_size
+from .models import encode_prompts, hidden_size, with_positions
 
 
 def block_output(output: object) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _block_outputs(
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
                 encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
-                stack(**encoded, use_cache=False)
+                stack(**with_positions(encoded), use_cache=False)
                 yield index, dict(captured), encoded["attention_mask"]
                 captured.clear()
                 if progress is not None and task is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,20 @@ def encode_prompts(
     """Chat-format and tokenize a batch with left padding. The template already holds special tokens."""
     texts = [render_prompt(tokenizer, p, system) for p in prompts]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counted from the first real token of its row: [batch, seq], padding at 0.
+
+    A bare `model(**encoded)` on a left-padded batch numbers positions from the first column, so models with
+    absolute position embeddings (GPT-2 family) read every shorter prompt at the wrong positions; `generate`
+    does this counting itself. Rotary models only see relative offsets and are unaffected either way."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def with_positions(encoded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tokenizer's batch plus `position_ids`, ready for a forward pass over a left-padded batch."""
+    return {**encoded, "position_ids": position_ids(encoded["attention_mask"])}
 
 
 def hidden_size(model: PreTrainedModel) -> int:

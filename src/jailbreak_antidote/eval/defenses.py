@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..antidote import Antidote
 from ..errors import InvalidParameter
 from ..generate import Sampling, generate_answers
-from ..models import Chat, render_prompt
+from ..models import Chat, render_prompt, with_positions
 from .judges import is_refusal
 
 SELF_REMINDER_SYSTEM = (
@@ -248,7 +248,7 @@ def prompt_perplexities(
     scores: list[float] = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
-        logits = model(**encoded).logits.float()
+        logits = model(**with_positions(encoded)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = encoded["input_ids"][:, 1:]
         mask = encoded["attention_mask"][:, 1:].float() * encoded["attention_mask"][:, :-1].float()

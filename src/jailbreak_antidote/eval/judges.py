@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
 from ..errors import PromptFileError
-from ..models import Chat, cache_argument, render_prompt, returned_cache
+from ..models import Chat, cache_argument, position_ids, render_prompt, returned_cache
 from ..textfiles import csv_table, read_text
 
 # Phrases that mark a refusal anywhere in the opening of an answer (JailbreakBench's list, extended).
@@ -112,7 +112,8 @@ def refusal_scores(
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)  # fmt: skip
-            prefix = model(**encoded, use_cache=True, logits_to_keep=1)
+            positions = position_ids(encoded["attention_mask"])
+            prefix = model(**encoded, position_ids=positions, use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(prefix.logits[:, -1].float(), dim=-1)
             means = []
             for ids in openings:
@@ -124,7 +125,9 @@ def refusal_scores(
                         [encoded["attention_mask"], encoded["attention_mask"].new_ones(batch, len(ids) - 1)], 1
                     )
                     cache = {cache_argument(model): copy.deepcopy(returned_cache(prefix))}
-                    rest = model(input_ids=target[:-1].expand(batch, -1), attention_mask=mask, use_cache=True, **cache)
+                    following = positions[:, -1:] + torch.arange(1, len(ids), device=device)
+                    rest = model(input_ids=target[:-1].expand(batch, -1), attention_mask=mask,
+                                 position_ids=following, use_cache=True, **cache)  # fmt: skip
                     logprobs = torch.log_softmax(rest.logits.float(), dim=-1)
                     total = total + logprobs.gather(-1, target[1:].expand(batch, -1)[..., None]).squeeze(-1).sum(1)
                 means.append(total / len(ids))

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
-from ..models import encode_prompts, render_prompt
+from ..models import encode_prompts, render_prompt, with_positions
 
 
 def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float, mode: str, threshold: float):
@@ -39,7 +39,7 @@ def next_token_kl(
     modes: with each prompt's own gate)."""
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, list(prompts[start : start + batch_size]))
+        batch = with_positions(encode_prompts(tokenizer, list(prompts[start : start + batch_size])))
         base = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
         with _maybe_steered(antidote, model, alpha, mode, threshold):
             steered = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
@@ -73,7 +73,7 @@ def answer_nll(
             answer_lengths.append(len(ids))
         if not texts:
             continue
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = with_positions(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         with _maybe_steered(antidote, model, alpha, mode, threshold):
             logits = model(**encoded, logits_to_keep=max(answer_lengths) + 1).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
