@@ -9,6 +9,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import find_decoder
+from .context import check_batch, prompt_names
 from .models import encode_prompts, hidden_size, with_positions
 
 
@@ -49,6 +50,7 @@ def _block_outputs(
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
                 encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
+                check_batch(model, encoded, prompt_names([prompts[i] for i in index], index))
                 stack(**with_positions(encoded), use_cache=False)
                 yield index, dict(captured), encoded["attention_mask"]
                 captured.clear()

@@ -31,3 +31,7 @@ class ArtifactMismatch(ArtifactError):
 
 class InvalidParameter(AntidoteError, ValueError):
     """A parameter such as alpha, k or layer_top_p is out of range."""
+
+
+class ContextLengthError(InvalidParameter):
+    """A prompt (plus the tokens to generate) is longer than the model's context."""

@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .antidote import Antidote
+from .context import check_batch, check_lengths, prompt_names
 from .errors import InvalidParameter
-from .models import Chat, encode_prompts
+from .models import Chat, encode_prompts, render_prompt
 from .steer import check_alpha
 
 
@@ -38,6 +39,15 @@ def row_alphas(antidote: Antidote | None, alphas: Sequence[float] | float | None
     if len(alphas) != count:
         raise InvalidParameter(f"got {len(alphas)} alphas for {count} prompts")
     return [float(check_alpha(a)) for a in alphas]
+
+
+FIX_TOO_LONG = "shorten the prompt, or generate fewer new tokens (--max-new-tokens)"
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Chat], system: str | None = None) -> list[int]:
+    """Tokens of each prompt as the model reads it (chat template and generation prompt included)."""
+    texts = [render_prompt(tokenizer, p, system) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ def generate_answers(
     if antidote is not None:
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
+    names = prompt_names(prompts)
+    check_lengths(model, prompt_lengths(tokenizer, prompts, system), names, max_new_tokens, FIX_TOO_LONG)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # less padding per batch
     answers = [Answer("")] * len(prompts)
@@ -102,6 +114,7 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
+            check_batch(model, encoded, [names[i] for i in index], max_new_tokens, FIX_TOO_LONG)
             torch.manual_seed(sampling.seed + start)
             kwargs = dict(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()

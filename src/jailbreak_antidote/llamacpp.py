@@ -22,8 +22,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import bundled
 from .antidote import Antidote
+from .context import check_lengths, prompt_names
 from .errors import ArtifactMismatch, InvalidParameter, ModelLoadError
-from .generate import Sampling, row_alphas
+from .generate import FIX_TOO_LONG, Sampling, row_alphas
 from .models import Chat, prepare_tokenizer, render_prompt
 from .server.engine import BatchEngine, DecodeRow, Finished, GenerationRequest, choose_tokens
 
@@ -243,17 +244,14 @@ def llamacpp_generate(
     alphas = row_alphas(antidote, alphas, len(prompts))
     if antidote is not None:
         backend.validate(antidote)
+    encoded = [backend.encode(prompt, system) for prompt in prompts]
+    check_lengths(backend, [len(ids) for ids in encoded], prompt_names(prompts), max_new_tokens, FIX_TOO_LONG)
     engine = LlamaCppEngine(backend, antidote)
     order = sorted(range(len(prompts)), key=lambda i: alphas[i])  # fewer control-vector switches
     results: dict[int, str] = {}
     for i in order:
         finished: list[Finished] = []
-        ids = backend.encode(prompts[i], system)
-        if len(ids) + max_new_tokens > backend.context_length:
-            raise InvalidParameter(
-                f"prompt {i} ({len(ids)} tokens) plus {max_new_tokens} new tokens exceeds the llama.cpp context of "
-                f"{backend.context_length} tokens"
-            )
+        ids = encoded[i]
         request = GenerationRequest(
             prompt_ids=ids, max_tokens=max_new_tokens, alpha=float(alphas[i]),
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed + i,

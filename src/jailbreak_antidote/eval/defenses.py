@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
+from ..context import check_batch, prompt_names
 from ..errors import InvalidParameter
 from ..generate import Sampling, generate_answers
 from ..models import Chat, render_prompt, with_positions
@@ -38,6 +39,7 @@ PARAPHRASE_INSTRUCTION = (
     "\n\nText: {prompt}"
 )
 BLOCKED_RESPONSE = "Sorry, I cannot help with that request."
+SMOOTHLLM_COPIES, SMOOTHLLM_RATE = 3, 0.10  # perturbed copies per prompt, share of characters swapped
 
 DEFENSES = (
     "none",
@@ -145,6 +147,20 @@ class DefenseRunner:
             {"role": "user", "content": f"{prompt}\n\n{SELF_REMINDER_SUFFIX}"},
         ]
 
+    def generation_chats(self, setting: Setting, prompt: str) -> list[Chat]:
+        """The conversations a defense hands the model for one user prompt, before it answers (Paraphrase's
+        second pass reads its own rewrite, at most max_new_tokens long, so it is not listed)."""
+        defense = setting.defense
+        if defense in ("self-reminder", "antidote+self-reminder"):
+            return [self._reminded(prompt)]
+        if defense == "icd":
+            return [[*ICD_DEMO, {"role": "user", "content": prompt}]]
+        if defense == "smoothllm":
+            return [perturb(prompt, SMOOTHLLM_RATE, seed=hash_seed(prompt, c)) for c in range(SMOOTHLLM_COPIES)]
+        if defense == "paraphrase":
+            return [PARAPHRASE_INSTRUCTION.format(prompt=prompt)]
+        return [prompt]
+
     # ----- the defenses -------------------------------------------------------------------------------
     def _none(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         return [Outcome(r) for r in self._generate(prompts)]
@@ -158,19 +174,18 @@ class DefenseRunner:
     _antidote_scaled = _antidote
 
     def _antidote_self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        chats: list[Chat] = [self._reminded(p) for p in prompts]
+        chats = [self.generation_chats(setting, p)[0] for p in prompts]
         return self._with_prompt_cost(prompts, chats, self._generate(chats, setting))
 
     def _self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        chats: list[Chat] = [self._reminded(p) for p in prompts]
+        chats = [self.generation_chats(setting, p)[0] for p in prompts]
         return self._with_prompt_cost(prompts, chats, self._generate(chats))
 
-    def _icd(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        chats: list[Chat] = [[*ICD_DEMO, {"role": "user", "content": p}] for p in prompts]
-        return self._with_prompt_cost(prompts, chats, self._generate(chats))
+    _icd = _self_reminder  # the same shape: one rewritten conversation per prompt, unsteered
 
-    def _smoothllm(self, setting: Setting, prompts: list[str], copies: int = 3, rate: float = 0.10) -> list[Outcome]:
-        perturbed = [perturb(p, rate, seed=hash_seed(p, c)) for p in prompts for c in range(copies)]
+    def _smoothllm(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
+        copies = SMOOTHLLM_COPIES
+        perturbed = [chat for p in prompts for chat in self.generation_chats(setting, p)]
         answers = self._generate(perturbed)
         outcomes = []
         for i in range(len(prompts)):
@@ -216,7 +231,7 @@ class DefenseRunner:
         return self._perplexity_threshold
 
     def _paraphrase(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        paraphrases = self._generate([PARAPHRASE_INSTRUCTION.format(prompt=p) for p in prompts])
+        paraphrases = self._generate([self.generation_chats(setting, p)[0] for p in prompts])
         paraphrases = [p.strip() or original for p, original in zip(paraphrases, prompts)]
         answers = self._generate(paraphrases)
         return [Outcome(a, extra_generations=1, details={"paraphrase": p}) for a, p in zip(answers, paraphrases)]
@@ -247,7 +262,9 @@ def prompt_perplexities(
     device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+        chunk = list(texts[start : start + batch_size])
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        check_batch(model, encoded, prompt_names(chunk, range(start, start + len(chunk))))
         logits = model(**with_positions(encoded)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = encoded["input_ids"][:, 1:]

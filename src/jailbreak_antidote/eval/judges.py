@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
+from ..context import check_batch, prompt_names
 from ..errors import PromptFileError
 from ..models import Chat, cache_argument, position_ids, render_prompt, returned_cache
 from ..textfiles import csv_table, read_text
@@ -112,6 +113,9 @@ def refusal_scores(
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)  # fmt: skip
+            chunk = prompts[start : start + batch_size]
+            longest_opening = max(len(ids) for ids in openings) - 1  # scored after the prompt
+            check_batch(model, encoded, prompt_names(chunk, range(start, start + len(chunk))), longest_opening)
             positions = position_ids(encoded["attention_mask"])
             prefix = model(**encoded, position_ids=positions, use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(prefix.logits[:, -1].float(), dim=-1)

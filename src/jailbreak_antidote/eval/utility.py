@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
+from ..context import check_batch, describe, prompt_names
 from ..models import encode_prompts, render_prompt, with_positions
 
 
@@ -39,7 +40,10 @@ def next_token_kl(
     modes: with each prompt's own gate)."""
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        batch = with_positions(encode_prompts(tokenizer, list(prompts[start : start + batch_size])))
+        chunk = list(prompts[start : start + batch_size])
+        batch = encode_prompts(tokenizer, chunk)
+        check_batch(model, batch, prompt_names(chunk, range(start, start + len(chunk))))
+        batch = with_positions(batch)
         base = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
         with _maybe_steered(antidote, model, alpha, mode, threshold):
             steered = torch.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), dim=-1)
@@ -64,16 +68,21 @@ def answer_nll(
     In gated / scaled modes prompt and answer go through in one pass, so the probe reads both."""
     total, tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        texts, answer_lengths = [], []
-        for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
+        texts, answer_lengths, names = [], [], []
+        for number, prompt, answer in zip(
+            range(start, len(prompts)), prompts[start : start + batch_size], answers[start : start + batch_size]
+        ):
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             if not ids:
                 continue
             texts.append(render_prompt(tokenizer, prompt) + answer)
             answer_lengths.append(len(ids))
+            names.append(f"prompt {number + 1} with its answer ({describe(prompt)})")
         if not texts:
             continue
-        encoded = with_positions(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        check_batch(model, encoded, names)
+        encoded = with_positions(encoded)
         with _maybe_steered(antidote, model, alpha, mode, threshold):
             logits = model(**encoded, logits_to_keep=max(answer_lengths) + 1).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
