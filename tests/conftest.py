@@ -53,8 +53,9 @@ ARCHITECTURES = {
     "gemma3": lambda v: Gemma3TextConfig(vocab_size=v, head_dim=16, **SMALL),
     "phi3": lambda v: Phi3Config(vocab_size=v, pad_token_id=0, **SMALL),
     # Absolute (learned) position embeddings: positions of left-padded rows must be counted per row.
-    "gpt2": lambda v: GPT2Config(vocab_size=v, n_embd=64, n_inner=128, n_layer=5, n_head=4, n_positions=512,
-                                 bos_token_id=1, eos_token_id=2),  # fmt: skip
+    "gpt2": lambda v: GPT2Config(
+        vocab_size=v, n_embd=64, n_inner=128, n_layer=5, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2
+    ),
 }
 
 

@@ -76,7 +76,7 @@ def test_xstest_and_labelled_completion_cells_keep_their_line_breaks(tmp_path):
 def test_windows_line_ends_and_byte_order_mark(tmp_path):
     assert read_prompts(write(tmp_path / "a.txt", "\ufeffone\r\ntwo\r\n")) == ["one", "two"]
     assert read_prompts(write(tmp_path / "b.jsonl", '{"prompt": "one"}\r\n{"prompt": "two"}\r\n')) == ["one", "two"]
-    assert read_prompts(write(tmp_path / "c.csv", "prompt\r\none\r\n\"t\r\nwo\"\r\n")) == ["one", "t\r\nwo"]
+    assert read_prompts(write(tmp_path / "c.csv", 'prompt\r\none\r\n"t\r\nwo"\r\n')) == ["one", "t\r\nwo"]
 
 
 def test_malformed_csv_is_a_clear_error(tmp_path):
@@ -112,7 +112,9 @@ def test_rows_with_any_character_round_trip_and_only_a_torn_tail_is_dropped(tmp_
 @given(prompts=st.lists(TEXT, min_size=1, max_size=4))
 def test_fuzz_structured_prompt_files_return_exactly_what_they_hold(tmp_path, prompts):
     as_json = write(tmp_path / "p.json", json.dumps(prompts, ensure_ascii=False))
-    as_jsonl = write(tmp_path / "p.jsonl", "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
+    as_jsonl = write(
+        tmp_path / "p.jsonl", "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+    )
     as_csv = write(tmp_path / "p.csv", csv_text(["prompt"], [[p] for p in prompts]))
     for path in (as_json, as_jsonl, as_csv):
         assert read_prompts(path) == prompts, path.name
@@ -131,7 +133,9 @@ def test_fuzz_goal_and_attack_files(tmp_path, goals, prompt, category):
     csv_path = write(tmp_path / "g.csv", csv_text(["Goal", "Category", "mine"], [[g, category, prompt] for g in goals]))
     assert [(g.text, g.category) for g in read_goals(csv_path)] == [(g, category) for g in goals]
     assert [(a.goal, a.prompt) for a in read_attack_file(csv_path)] == [(g, prompt) for g in goals]
-    jsonl = "".join(json.dumps({"goal": g, "attack": "mine", "prompt": prompt}, ensure_ascii=False) + "\n" for g in goals)
+    jsonl = "".join(
+        json.dumps({"goal": g, "attack": "mine", "prompt": prompt}, ensure_ascii=False) + "\n" for g in goals
+    )
     assert [(a.goal, a.prompt) for a in read_attack_file(write(tmp_path / "a.jsonl", jsonl))] == [
         (g, prompt) for g in goals
     ]

@@ -37,8 +37,8 @@ ModelOption = Annotated[
 DtypeOption = Annotated[
     str,
     typer.Option(
-        help="Weights dtype: float32, or bfloat16 (about 2x faster on CPUs with AMX / AVX512-BF16; "
-        "answers can differ slightly from float32)"
+        help="Weights dtype: float32, bfloat16 (about 2x faster on CPUs with AMX / AVX512-BF16; answers can "
+        "differ slightly from float32) or float16 (for GPUs; slow on most CPUs)"
     ),
 ]
 BackendOption = Annotated[
@@ -132,14 +132,15 @@ def fit(
         Path | None, typer.Option(help="Harmful (positive) prompts: .json/.jsonl/.csv/.txt [default: built-in set]")
     ] = None,
     harmless: Annotated[
-        Path | None, typer.Option(help="Harmless (negative) prompts, paired one to one with --harmful")
+        Path | None,
+        typer.Option(help="Harmless (negative) prompts, paired one to one with --harmful [default: built-in set]"),
     ] = None,
     k: Annotated[float, typer.Option(help="Fraction of coordinates steered per layer, in (0, 1]")] = 0.05,
     layer_top_p: Annotated[float, typer.Option(help="Fraction of layers kept, ranked by held-out accuracy")] = 0.9,
     method: Annotated[str, typer.Option(help="Direction estimator: pca or mean_diff")] = "pca",
     selector: Annotated[str, typer.Option(help="Which coordinates to keep: top (largest |d|) or random")] = "top",
     system: SystemOption = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N pairs")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N pairs [default: all]")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for the held-out split and random masks")] = 0,
 ) -> None:
@@ -226,7 +227,9 @@ def generate(
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
     backend: BackendOption = "transformers",
-    antidote_path: Annotated[Path | None, typer.Option("--antidote", "-a", help="A .antidote file")] = None,
+    antidote_path: Annotated[
+        Path | None, typer.Option("--antidote", "-a", help="A .antidote file [default: none, answers unsteered]")
+    ] = None,
     alpha: Annotated[
         list[float] | None,
         typer.Option(help="Steering strength; repeat for a side-by-side comparison [default: suggested]"),
@@ -244,7 +247,8 @@ def generate(
         float | None, typer.Option(help="Harm probability from which gated mode steers [default: tuned, or 0.5]")
     ] = None,
     out_path: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response")
+        Path | None,
+        typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response [default: print a table only]"),
     ] = None,
 ) -> None:
     """Generate answers, optionally steered by an antidote at one or several alphas."""

@@ -24,15 +24,19 @@ AntidoteOption = Annotated[Path | None, typer.Option("--antidote", "-a", help="A
 AttacksOption = Annotated[
     str, typer.Option(help="Comma-separated built-in attack names, 'all', or an attack file (.csv/.jsonl)")
 ]
-LimitOption = Annotated[int | None, typer.Option(help="Only the first N goals (after --stride)")]
+LimitOption = Annotated[int | None, typer.Option(help="Only the first N goals (after --stride) [default: all]")]
 StrideOption = Annotated[int, typer.Option(help="Every S-th goal (a slice spread over all categories)")]
 TokensOption = Annotated[int, typer.Option(help="New tokens per answer")]
 BatchOption = Annotated[int, typer.Option(help="Rows per generation batch")]
 BenignOption = Annotated[
     list[Path] | None, typer.Option(help="Benign prompt file(s) for compliance (repeatable) [default: built-in list]")
 ]
-XSTestOption = Annotated[Path | None, typer.Option(help="XSTest prompts CSV: adds xstest-safe and xstest-unsafe sets")]
-BenignLimitOption = Annotated[int | None, typer.Option(help="Only the first N prompts of each benign set")]
+XSTestOption = Annotated[
+    Path | None, typer.Option(help="XSTest prompts CSV: adds xstest-safe and xstest-unsafe sets [default: none]")
+]
+BenignLimitOption = Annotated[
+    int | None, typer.Option(help="Only the first N prompts of each benign set [default: all]")
+]
 
 
 def _split(text: str) -> list[str]:
@@ -165,7 +169,7 @@ def eval_command(
     ] = "none,antidote",
     alpha: Annotated[list[float] | None, typer.Option(help="Antidote strength(s) [default: suggested]")] = None,
     k: Annotated[list[float] | None, typer.Option(help="Sparsity value(s) [default: the artifact's]")] = None,
-    selector: Annotated[list[str] | None, typer.Option(help="top and/or random")] = None,
+    selector: Annotated[list[str] | None, typer.Option(help="top and/or random [default: top]")] = None,
     max_new_tokens: TokensOption = 64,
     batch_size: BatchOption = 16,
     limit: LimitOption = None,
@@ -258,10 +262,11 @@ def report_command(
 def judge_agreement(
     completions: Annotated[list[Path], typer.Argument(help="XSTest v2 completion CSVs with human labels")],
     llm_judge: Annotated[
-        str | None, typer.Option(help="Also rate with a local LLM judge (PAIR rubric; a bundled name or path)")
+        str | None,
+        typer.Option(help="Also rate with a local LLM judge (PAIR rubric; a bundled name or path) [default: none]"),
     ] = None,
     llm_threshold: Annotated[int, typer.Option(help="LLM rating at or above which an answer counts as complying")] = 5,
-    limit: Annotated[int | None, typer.Option(help="Only the first N completions of each file")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N completions of each file [default: all]")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Also write judge_agreement.json here")] = None,
 ) -> None:
     """How often the judges agree with the human labels of XSTest completions (accuracy, recalls)."""

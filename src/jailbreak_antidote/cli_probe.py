@@ -22,7 +22,9 @@ def probe(
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
     harmful: Annotated[Path | None, typer.Option(help="Harmful prompts [default: the built-in set]")] = None,
-    harmless: Annotated[Path | None, typer.Option(help="Harmless prompts, paired with --harmful")] = None,
+    harmless: Annotated[
+        Path | None, typer.Option(help="Harmless prompts, paired with --harmful [default: the built-in set]")
+    ] = None,
     per_goal: Annotated[int, typer.Option(help="Training wrappers drawn for each instruction")] = 8,
     validation_fraction: Annotated[float, typer.Option(help="Share of goals held out with held-out templates")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed for the split and the template draw")] = 0,

@@ -3,13 +3,53 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import bundled
 from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors
 from .errors import InvalidParameter
+
+if TYPE_CHECKING:  # torch loads only when a command runs, so `--help` stays fast
+    from .antidote import Antidote
+
+
+def strength_defaults(
+    antidote: Antidote, alpha: float | None, alpha_min: float, alpha_max: float | None
+) -> tuple[float, float, float]:
+    """(default alpha, smallest, largest alpha a request may ask for).
+
+    The default is --alpha if given, else the tuned alpha `antidote tune` stored, else 0: an untuned strength
+    (the fit's suggestion is only a starting point) can make ordinary answers worse than the unsteered model's
+    (on SmolLM2-135M the suggested 4.4 turns a sentence about cats into "a creature of purest evil")."""
+    from .steer import check_alpha
+
+    tuned_or_zero = antidote.default_alpha if antidote.tuned else 0.0
+    default = tuned_or_zero if alpha is None else check_alpha(alpha)
+    low = check_alpha(alpha_min)
+    top = max(antidote.alpha.get("range", [0, 0])[1], antidote.suggested_alpha, default)
+    high = check_alpha(alpha_max if alpha_max is not None else top)
+    if not low <= default <= high:
+        raise InvalidParameter(f"--alpha {default:g} is outside [--alpha-min {low:g}, --alpha-max {high:g}]")
+    return default, low, high
+
+
+def strength_summary(
+    antidote: Antidote, default: float, low: float, high: float, mode: str, threshold: float, explicit: bool
+) -> str:
+    """The startup line that says which strength requests get when they send none, and why."""
+    allowed = f"requests may set alpha in [{low:g}, {high:g}]"
+    gate = "" if mode == "fixed" else f", {mode} mode at threshold {threshold:g}"
+    if explicit:
+        return f"strength in use: alpha {default:g} (--alpha){gate}; {allowed}"
+    if antidote.tuned:
+        return f"strength in use: alpha {default:g}{gate}, tuned by `antidote tune`; {allowed}"
+    return (
+        f"strength in use: alpha 0 (unsteered): this antidote holds no tuned strength, and its fit's suggestion "
+        f"({antidote.suggested_alpha:g}) is not checked against ordinary answers; run `antidote tune` on it, or "
+        f"pass --alpha; {allowed}"
+    )
 
 
 @app.command()
@@ -24,7 +64,11 @@ def serve(
     ] = None,
     no_antidote: Annotated[bool, typer.Option("--no-antidote", help="Serve the model undefended")] = False,
     alpha: Annotated[
-        float | None, typer.Option(help="Default strength for requests that send none [default: suggested]")
+        float | None,
+        typer.Option(
+            help="Default strength for requests that send none [default: the tuned alpha stored by `antidote tune`; "
+            "without one, 0 (unsteered), since an untuned strength can make ordinary answers worse]"
+        ),
     ] = None,
     alpha_min: Annotated[float, typer.Option(help="Smallest alpha a request may ask for")] = 0.0,
     alpha_max: Annotated[
@@ -57,10 +101,8 @@ def serve(
     `{"antidote": {"alpha": 0.4}}` in the body (`extra_body` in the openai client)."""
     import uvicorn
 
-    from .antidote import Antidote
     from .fit import builtin_antidote
     from .server import ServerConfig, create_app
-    from .steer import check_alpha
 
     if max_batch < 1 or max_tokens < 1:
         raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
@@ -82,11 +124,7 @@ def serve(
     if antidote is None:
         default, low, high = 0.0, 0.0, 0.0
     else:
-        default = check_alpha(antidote.default_alpha if alpha is None else alpha)
-        low = check_alpha(alpha_min)
-        high = check_alpha(alpha_max if alpha_max is not None else max(antidote.alpha.get("range", [0, 0])[1], default))
-        if not low <= default <= high:
-            raise InvalidParameter(f"--alpha {default} is outside [--alpha-min {low}, --alpha-max {high}]")
+        default, low, high = strength_defaults(antidote, alpha, alpha_min, alpha_max)
         antidote.gate(mode, threshold)  # a bad mode or threshold, or no probe for gated / scaled
     if mode != "fixed" and (antidote is None or backend == "llamacpp"):
         raise InvalidParameter("--mode gated / scaled needs an antidote with a harm probe on the transformers backend")
@@ -96,8 +134,10 @@ def serve(
         alpha_max=float(high), api_key=api_key, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
         max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
     )  # fmt: skip
-    err.print(
-        f"serving {config.model_name} on http://{host}:{port}/v1 "
-        + (f"with alpha {default} (allowed {low} - {high})" if antidote else "without an antidote")
-    )
+    err.print(f"serving {config.model_name} on http://{host}:{port}/v1", highlight=False)
+    if antidote is None:
+        err.print("strength in use: none (no antidote; requests may not set alpha)", highlight=False)
+    else:
+        err.print(strength_summary(antidote, default, low, high, mode, threshold, explicit=alpha is not None),
+                  highlight=False)  # fmt: skip
     uvicorn.run(create_app(lm, tokenizer, antidote, config), host=host, port=port, log_level="warning")
