@@ -12,6 +12,7 @@ from rich.table import Table
 from . import bundled
 from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors, out
 from .errors import InvalidParameter
+from .textfiles import write_text_atomic
 
 SWEEP_KS = [0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
 SWEEP_FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
@@ -293,4 +294,4 @@ def judge_agreement(
     out.print(table)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "judge_agreement.json").write_text(json.dumps({"rows": rows}, indent=2))
+        write_text_atomic(out_dir / "judge_agreement.json", json.dumps({"rows": rows}, indent=2))

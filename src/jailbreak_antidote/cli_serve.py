@@ -101,6 +101,7 @@ def serve(
     `{"antidote": {"alpha": 0.4}}` in the body (`extra_body` in the openai client)."""
     import uvicorn
 
+    from .antidote import Antidote
     from .fit import builtin_antidote
     from .server import ServerConfig, create_app
 

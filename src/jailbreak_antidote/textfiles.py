@@ -43,6 +43,21 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise PromptFileError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
 
 
+def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A JSON file that must hold one object (a run's config.json, judge_agreement.json).
+
+    Raises PromptFileError naming the file when it is unreadable, not JSON, or not an object."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                              "restore it or delete its directory to start over") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise PromptFileError(f"{what} {str(path)!r} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
 def text_lines(text: str) -> list[str]:
     """Non-blank lines of a plain text file, split at line ends only (\\n, \\r\\n or \\r), kept as written."""
     return [line for line in _LINE_BREAK.split(text) if line.strip()]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParameter
+from ..textfiles import read_json_object, write_text_atomic
 from .report import (
     AGREEMENT_FILE,
     SUMMARY_FILE,
@@ -66,7 +67,7 @@ def load_part(path: Path) -> Part:
             f"{path} has no {CONFIG_FILE} (written by `antidote eval` and by `antidote report --out`), so the "
             "configuration of its numbers is unknown; report from the run's evaluation directory instead"
         )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_object(config_path, "run configuration")
     if (path / ROWS_FILE).is_file() or (path / UTILITY_FILE).is_file():
         return Part(path, config, summarize(path))
     if (path / SUMMARY_FILE).is_file():
@@ -123,12 +124,13 @@ def build_combined_report(sources: list[Path], out_dir: Path) -> Path:
     summary = combine_parts(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / CONFIG_FILE
-    if not config_path.is_file() or json.loads(config_path.read_text(encoding="utf-8")) != parts[0].config:
-        config_path.write_text(json.dumps(parts[0].config, indent=2), encoding="utf-8")
+    if not config_path.is_file() or read_json_object(config_path, "run configuration") != parts[0].config:
+        write_text_atomic(config_path, json.dumps(parts[0].config, indent=2))
     agreement = next((p.path / AGREEMENT_FILE for p in parts if (p.path / AGREEMENT_FILE).is_file()), None)
     if agreement is not None and agreement.resolve() != (out_dir / AGREEMENT_FILE).resolve():
         shutil.copyfile(agreement, out_dir / AGREEMENT_FILE)
     write_summary_csv(summary, out_dir / SUMMARY_FILE)
     write_plots(out_dir, summary)
-    loaded = json.loads((out_dir / AGREEMENT_FILE).read_text()) if (out_dir / AGREEMENT_FILE).is_file() else None
+    agreement_path = out_dir / AGREEMENT_FILE
+    loaded = read_json_object(agreement_path, "judge agreement file") if agreement_path.is_file() else None
     return write_report(out_dir, summary, loaded, combined=len(parts) > 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameter
+from ..textfiles import read_json_object, write_text_atomic
 from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE, read_rows
 
 SUMMARY_FILE = "summary.csv"
@@ -137,10 +138,11 @@ def probe_auroc(rows: list[dict[str, Any]], utility: list[dict[str, Any]]) -> li
 
 def write_summary_csv(summary: list[dict[str, Any]], path: Path) -> None:
     fields = ["defense", "alpha", "k", "selector", "metric", "scope", "n", "value", "ci_low", "ci_high"]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(summary)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(summary)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _lookup(summary: Iterable[dict[str, Any]], metric: str, scope: str | None = None) -> dict[SettingKey, dict]:
@@ -165,7 +167,8 @@ def _fmt(row: dict[str, Any] | None) -> str:
 def write_report(
     out_dir: Path, summary: list[dict[str, Any]], judge_agreement: dict | None = None, combined: bool = False
 ) -> Path:
-    config = json.loads((out_dir / CONFIG_FILE).read_text()) if (out_dir / CONFIG_FILE).is_file() else {}
+    config_path = out_dir / CONFIG_FILE
+    config = read_json_object(config_path, "run configuration") if config_path.is_file() else {}
     overall = _lookup(summary, "dsr", "overall")
     jailbreaks = _lookup(summary, "dsr", "jailbreaks")
     benign_sets = sorted({r["scope"] for r in summary if r["metric"] in ("benign_compliance", "refusal_rate")})
@@ -250,7 +253,7 @@ def write_report(
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -28,7 +28,7 @@ from rich.progress import (
 from ..context import check_lengths, describe
 from ..errors import InvalidParameter
 from ..generate import prompt_lengths
-from ..textfiles import jsonl_lines, jsonl_text, read_text, write_text_atomic
+from ..textfiles import jsonl_lines, jsonl_text, read_json_object, read_text, write_text_atomic
 from .attacks import AttackPrompt
 from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
 from .judges import is_refusal
@@ -121,7 +121,7 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / CONFIG_FILE
     if config_path.is_file():
-        existing = json.loads(config_path.read_text())
+        existing = read_json_object(config_path, "run configuration")
         existing.setdefault("dtype", "float32")  # directories written before these options existed
         existing.setdefault("backend", "transformers")
         existing.setdefault("threshold", 0.5)
@@ -136,7 +136,7 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
                 "use another --out directory, or delete this one to start over"
             )
     else:
-        config_path.write_text(json.dumps(asdict(config), indent=2))
+        write_text_atomic(config_path, json.dumps(asdict(config), indent=2))
     return (
         RowStore(out_dir / ROWS_FILE, ("goal", "attack", *SETTING_FIELDS)),
         RowStore(out_dir / UTILITY_FILE, ("set", "prompt", *SETTING_FIELDS)),
