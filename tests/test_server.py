@@ -31,7 +31,7 @@ def served(tokenizer, qwen2_antidote, tmp_path_factory):
     high = 4 * qwen2_antidote.suggested_alpha
     config = ServerConfig(
         model_name="tiny", default_alpha=0.0, alpha_min=0.0, alpha_max=high, api_key=KEY, max_tokens=64,
-        default_max_tokens=12, max_batch=8, batch_wait_s=0.05, request_log=log,
+        max_batch=8, batch_wait_s=0.05, request_log=log,
     )  # fmt: skip
     server = RunningServer(model, tokenizer, qwen2_antidote, config)
     server.high = high
@@ -79,6 +79,15 @@ def test_streaming_gives_the_same_text_as_a_plain_request(served):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+@pytest.mark.parametrize("stop", ["", [""], ["", ""], None])
+def test_empty_stop_strings_stop_nothing_and_do_not_garble_the_stream(served, stop):
+    client = served.client()
+    full = _ask(client, PROMPTS[1], max_tokens=16).choices[0].message.content
+    assert _ask(client, PROMPTS[1], max_tokens=16, stop=stop).choices[0].message.content == full
+    streamed = _ask(client, PROMPTS[1], max_tokens=16, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full
+
+
 def test_stop_sequences_cut_plain_and_streamed_answers(served):
     client = served.client()
     full = _ask(client, PROMPTS[1], max_tokens=16).choices[0].message.content
@@ -119,12 +128,15 @@ def test_no_cross_talk_between_rows_of_different_alpha(served):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "limit of 64"),
-        ({"messages": [{"role": "user", "content": "hi " * 600}], "max_tokens": 8}, 400, "context"),
+        ({"messages": [{"role": "user", "content": "hi " * 600}], "max_tokens": 8}, 400, "context length"),
+        ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "context length"),
         ({"messages": [{"role": "user", "content": "hi"}], "antidote": {"alpha": 1e6}}, 400, "allowed range"),
         ({"messages": [{"role": "user", "content": "hi"}], "antidote": {"alpha": -1}}, 400, "allowed range"),
         ({"messages": [{"role": "user", "content": "hi"}], "antidote": {"alpha": "high"}}, 400, "alpha"),
         ({"messages": [{"role": "user", "content": "hi"}], "antidote": {"strength": 1}}, 400, "strength"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n = 3"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "gpt-4"),
         ([1, 2, 3], 400, "body"),
     ],
@@ -198,7 +210,7 @@ def test_request_log_with_prompts(tmp_path):
 
 
 def test_server_without_antidote_refuses_alpha(tokenizer):
-    config = ServerConfig(model_name="plain", max_tokens=8, default_max_tokens=4)
+    config = ServerConfig(model_name="plain", max_tokens=8)
     server = RunningServer(build_model("llama"), tokenizer, None, config)
     try:
         ok = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
@@ -228,8 +240,7 @@ def test_harm_probe_modes_per_request(tokenizer, qwen2_antidote, tmp_path):
         **{**qwen2_antidote.__dict__, "probe": fit_probe(model, tokenizer, HARMFUL, HARMLESS, per_goal=1)}
     )
     high = 4 * probed.suggested_alpha
-    config = ServerConfig(model_name="tiny", alpha_max=high, max_tokens=16, default_max_tokens=8,
-                          request_log=tmp_path / "log.jsonl")  # fmt: skip
+    config = ServerConfig(model_name="tiny", alpha_max=high, max_tokens=16, request_log=tmp_path / "log.jsonl")
     server = RunningServer(model, tokenizer, probed, config)
     try:
 

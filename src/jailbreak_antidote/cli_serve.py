@@ -88,7 +88,13 @@ def serve(
         str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*")
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch")] = 16,
-    max_tokens: Annotated[int, typer.Option(help="Most new tokens a request may ask for")] = 1024,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Most new tokens a request may ask for; a request that sends no max_tokens gets this much, or the "
+            "room left in the model's context if that is less"
+        ),
+    ] = 1024,
     served_model_name: Annotated[
         str | None, typer.Option(help="Model id clients send and /v1/models lists [default: --model]")
     ] = None,
@@ -132,7 +138,7 @@ def serve(
     config = ServerConfig(
         model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
         default_threshold=threshold, alpha_min=float(low),
-        alpha_max=float(high), api_key=api_key, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
+        alpha_max=float(high), api_key=api_key, max_tokens=max_tokens,
         max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
     )  # fmt: skip
     err.print(f"serving {config.model_name} on http://{host}:{port}/v1", highlight=False)

@@ -25,12 +25,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
+from ..context import context_length, vocabulary_size
 from ..eval.judges import is_refusal
 from ..models import render_prompt
 from .engine import BatchEngine, Delta, Finished, GenerationRequest
 from .metrics import ServerMetrics
 from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, error_body
+
+try:
+    from jinja2 import TemplateError, TemplateSyntaxError
+except ImportError:  # pragma: no cover - without jinja2 there are no chat templates to fail
+    TemplateError = TemplateSyntaxError = ()  # type: ignore[assignment,misc]
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -44,8 +50,7 @@ class ServerConfig:
     alpha_min: float = 0.0
     alpha_max: float = 0.0
     api_key: str | None = None
-    max_tokens: int = 1024  # the most a request may ask for
-    default_max_tokens: int = 256  # when a request does not say
+    max_tokens: int = 1024  # the most a request may ask for; a request that does not say gets up to this
     max_batch: int = 16
     batch_wait_s: float = 0.01
     max_queue: int = 256
@@ -56,9 +61,12 @@ class ServerConfig:
 class ApiError(Exception):
     """Answered as an OpenAI-style error envelope with this status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
 def create_app(
@@ -67,7 +75,7 @@ def create_app(
     metrics = ServerMetrics(config.alpha_max)
     engine = _engine(model, tokenizer, antidote, config, metrics)
     log = RequestLog(config.request_log, config.log_prompts)
-    context = getattr(model, "context_length", None) or getattr(model.config, "max_position_embeddings", None)
+    context, vocabulary = context_length(model), vocabulary_size(model)
     on_llamacpp = getattr(model, "backend_name", "transformers") == "llamacpp"
 
     @asynccontextmanager
@@ -85,7 +93,7 @@ def create_app(
     # ----- errors: always the OpenAI envelope, never a traceback ----------------------------------
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -186,21 +194,21 @@ def create_app(
                 400, f"antidote.alpha {alpha} is outside the allowed range [{config.alpha_min}, {config.alpha_max}] "
                 "set when the server started (--alpha-min / --alpha-max)", "antidote.alpha",
             )  # fmt: skip
-        max_tokens = body.requested_tokens() or config.default_max_tokens
-        if max_tokens > config.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {config.max_tokens}",
-                           "max_tokens")  # fmt: skip
-        try:
-            text = render_prompt(tokenizer, body.chat())
-        except Exception as exc:  # the chat template rejects this conversation (e.g. roles out of order)
-            raise ApiError(400, f"the model's chat template rejects these messages: {exc}", "messages") from None
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if context is not None and len(prompt_ids) + max_tokens > context:
-            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                           f"model's context of {context} tokens", "messages")  # fmt: skip
+        requested, field = body.requested_tokens(), body.token_field()
+        if requested is not None and requested > config.max_tokens:
+            raise ApiError(400, f"{field} {requested} is above this server's limit of {config.max_tokens} "
+                           f"(--max-tokens); ask for at most {config.max_tokens}", field)  # fmt: skip
+        prompt_ids = tokenizer(_render(tokenizer, body.chat()), add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise ApiError(400, "the model's chat template renders this conversation as an empty prompt; send at "
+                           "least one user message with text", "messages")  # fmt: skip
+        if vocabulary is not None and max(prompt_ids) >= vocabulary:
+            raise ApiError(400, f"the messages hold token id {max(prompt_ids)}, outside the model's vocabulary of "
+                           f"{vocabulary} ids: the served tokenizer does not match the model", "messages")  # fmt: skip
+        max_tokens = _answer_room(len(prompt_ids), requested, field, context, config.max_tokens)
         return GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens, alpha=float(alpha), temperature=body.temperature,
-            top_p=body.top_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos, mode=mode,
+            top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, mode=mode,
             threshold=threshold,
         )  # fmt: skip
 
@@ -270,6 +278,60 @@ class _Record:
         self.log.write(entry, prompt=self.body.chat(), completion=event.text)
 
 
+def _answer_room(prompt: int, requested: int | None, field: str, context: int | None, limit: int) -> int:
+    """The answer's token budget: what the request asks for, else the room left in the context (up to the
+    server's limit); a 400 `context_length_exceeded` when the prompt and the answer do not fit."""
+    if context is None:
+        return requested if requested is not None else limit
+    if prompt >= context:
+        asked = "" if requested is None else f" (and {field} asks for {requested} more)"
+        raise ApiError(400, f"This model's maximum context length is {context} tokens, and the messages take "
+                       f"{prompt} tokens{asked}, which leaves no room for an answer; shorten the messages",
+                       "messages", code="context_length_exceeded")  # fmt: skip
+    if requested is None:
+        return min(limit, context - prompt)
+    if prompt + requested > context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens, but {prompt + requested} "
+                       f"were requested ({prompt} in the messages, {requested} in {field}); lower {field} to at most "
+                       f"{context - prompt} or shorten the messages", "messages",
+                       code="context_length_exceeded")  # fmt: skip
+    return requested
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -> str:
+    """The prompt text for a request's conversation; a 400 in words when the chat template cannot render it."""
+    try:
+        return render_prompt(tokenizer, chat)
+    except Exception as exc:  # jinja's TemplateError, or whatever the template or the system-role fallback raises
+        cause = _template_cause(exc)
+    if isinstance(cause, TemplateSyntaxError):
+        raise ApiError(500, f"the model's chat template is broken ({cause}); this is a fault of the served model, "
+                       "not of the request", kind="server_error")  # fmt: skip
+    reason = str(cause) or type(cause).__name__
+    if not isinstance(cause, TemplateError):
+        reason = f"{type(cause).__name__}: {reason}"
+    roles = [message["role"] for message in chat]
+    if "user" not in roles:
+        fix = "send at least one user message (this template does not take a conversation without one)"
+    else:
+        fix = ("send the turns this template accepts: an optional system message first, then user and assistant "
+               "messages in alternation, starting and ending with a user message")  # fmt: skip
+    raise ApiError(400, f"the model's chat template cannot render this conversation: {reason}; {fix}", "messages")
+
+
+def _template_cause(exc: BaseException) -> BaseException:
+    """The template's own error: the first one raised (render_prompt retries templates without a system role,
+    and that retry may fail for another reason, e.g. with nothing to fold the system message into)."""
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    templates = [error for error in chain if isinstance(error, TemplateError)]
+    return templates[-1] if templates else exc
+
+
 def _engine(model: Any, tokenizer: Any, antidote: Antidote | None, config: ServerConfig, metrics: ServerMetrics):
     options = dict(batch_wait_s=config.batch_wait_s, max_queue=config.max_queue, on_batch=metrics.batch_size.observe)
     if getattr(model, "backend_name", "transformers") == "llamacpp":
@@ -298,11 +360,24 @@ def _completion(request_id: str, model: str, event: Finished, job: GenerationReq
 def _describe_validation(errors: Any) -> tuple[str, str, str | None]:
     """One readable sentence from pydantic's error list: the first problem, with where it is."""
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return "the request body is not valid JSON", "invalid_request_error", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if kind == "refused_field":  # the schema's own message, which names the field and the fix
+        context = first.get("ctx", {})
+        param = context.get("param")
+        if param and location[-1:] != [param]:
+            location.append(param)
+        where = ".".join(location) or "body"
+        prefix = f"{'.'.join(location[:-1])}: " if len(location) > 1 else ""
+        return prefix + context.get("message", "invalid request"), "invalid_request_error", where
     where = ".".join(location) or "body"
     message = first.get("msg", "invalid request")
-    if first.get("type") == "missing":
+    if kind == "missing":
         message = "field required"
+    elif kind == "extra_forbidden":
+        message = "unrecognized field; remove it (docs/SERVING.md lists the accepted fields)"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
     return f"invalid {where}: {message}", "invalid_request_error", where

@@ -75,7 +75,11 @@ class DecodeRow:
         if request.temperature > 0:
             seed = request.seed if request.seed is not None else int(torch.seed() % 2**63)
             self.generator = torch.Generator().manual_seed(seed)
-        self.holdback = max((len(s) for s in request.stop), default=1) - 1
+        self.stops = [s for s in dict.fromkeys(request.stop) if s]  # "" would match anywhere: it stops nothing
+        # A stop string that is not in the text yet may still begin in its last len(stop) - 1 characters.
+        self.holdback = max((len(s) - 1 for s in self.stops), default=0)
+        # With cleanup on, decode drops the space before punctuation (" ." -> ".") once the punctuation comes.
+        self.cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.harm_score: float | None = None
 
     def add(self, token: int, eos_ids: set[int]) -> str | None:
@@ -84,7 +88,7 @@ class DecodeRow:
             return "stop"
         self.tokens.append(token)
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((i for i in (self.text.find(s) for s in self.request.stop if s) if i >= 0), default=-1)
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
             return "stop"
@@ -94,13 +98,20 @@ class DecodeRow:
         return None
 
     def _stream(self, final: bool) -> None:
-        # Hold back what could still become a stop string, and a half-decoded multi-byte character.
-        end = len(self.text) if final else len(self.text) - self.holdback
-        if not final and self.text.endswith("\ufffd"):
-            end = min(end, len(self.text) - 1)
+        """Send the text that can no longer change, so the deltas always add up to the final answer."""
+        end = len(self.text) if final else self.settled() - self.holdback
         if end > self.sent:
             self.request.on_event(Delta(self.text[self.sent : end]))
             self.sent = end
+
+    def settled(self) -> int:
+        """How much of the decoded text more tokens cannot change: not a trailing half-decoded multi-byte
+        character (U+FFFD until its last byte comes), nor, with cleanup on, a space that may yet be dropped."""
+        end = len(self.text.rstrip("\ufffd"))
+        if self.cleanup:  # the longest unfinished cleanup pattern is 3 characters (" n'" of " n't")
+            spaces = [i for i in range(max(0, end - 3), end) if self.text[i] == " "]
+            end = spaces[0] if spaces else end
+        return end
 
     def finish(self, reason: str) -> None:
         self._stream(final=True)
@@ -118,6 +129,7 @@ def choose_tokens(logits: torch.Tensor, rows: list[DecodeRow]) -> list[int]:
         if request.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(0) - sorted_probs >= request.top_p  # keep the smallest nucleus
+            outside[0] = False  # and always the likeliest token (top_p 0 is greedy)
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         choice[i] = int(torch.multinomial(probs, 1, generator=row.generator))
