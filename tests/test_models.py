@@ -1,5 +1,7 @@
+import pytest
 from conftest import NO_SYSTEM_TEMPLATE, build_tokenizer
 
+from jailbreak_antidote.errors import InvalidParameter
 from jailbreak_antidote.models import encode_prompts, render_prompt
 
 
@@ -24,3 +26,12 @@ def test_batches_are_left_padded(tokenizer):
     batch = encode_prompts(tokenizer, ["a", "a much longer prompt than the first one"])
     mask = batch["attention_mask"]
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
+
+
+def test_a_system_message_alone_is_a_clear_error_without_a_system_role():
+    tokenizer = build_tokenizer(NO_SYSTEM_TEMPLATE)
+    with pytest.raises(InvalidParameter, match=r"cannot render a system message alone.*add a user message"):
+        render_prompt(tokenizer, [{"role": "system", "content": "Be safe."}])
+    plain = build_tokenizer()
+    plain.chat_template = None
+    assert render_prompt(plain, [{"role": "system", "content": "Be safe."}]) == "System: Be safe.\nAssistant:"

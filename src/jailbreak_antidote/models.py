@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from . import bundled
 from .blocks import decoder_blocks
-from .errors import ModelLoadError
+from .errors import InvalidParameter, ModelLoadError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,9 +94,13 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Chat, system: str 
         return _plain_format(messages)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # jinja raises TemplateError("System role not supported") from the template
+    except Exception as exc:  # jinja raises TemplateError("System role not supported") from the template
         if messages[0]["role"] != "system":
             raise
+        if len(messages) == 1:
+            raise InvalidParameter(
+                f"the chat template cannot render a system message alone ({exc}); add a user message"
+            ) from exc
         return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, add_generation_prompt=True)
 
 
@@ -108,7 +112,8 @@ def _fold_system(messages: list[Message]) -> list[Message]:
 def _plain_format(messages: list[Message]) -> str:
     if messages[0]["role"] == "system" and len(messages) > 1:
         messages = _fold_system(messages)
-    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    labels = {"system": "System", "user": "User"}
+    turns = [f"{labels.get(m['role'], 'Assistant')}: {m['content']}" for m in messages]
     return "\n".join(turns) + "\nAssistant:"
 
 
