@@ -214,3 +214,12 @@ def test_server_on_llamacpp_streams_and_steers(smol, smol_antidote):
         assert plain.choices[0].message.content != steered.choices[0].message.content
     finally:
         server.stop()
+
+
+def test_llamacpp_checks_every_prompt_against_its_context_first(smol):
+    from jailbreak_antidote.errors import ContextLengthError
+    from jailbreak_antidote.llamacpp import llamacpp_generate
+
+    _, _, llama = smol
+    with pytest.raises(ContextLengthError, match=r"prompt 2 \(.*do not fit the model's context of 1,024 positions"):
+        llamacpp_generate(llama, ["Hi", "word " * 1100], max_new_tokens=4)
