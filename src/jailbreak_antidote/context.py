@@ -73,6 +73,31 @@ def check_lengths(
     )
 
 
+def check_token_ids(
+    model: object,
+    token_ids: Sequence[Sequence[int]],
+    names: Sequence[str],
+    new_tokens: int = 0,
+    fix: str = "shorten it",
+) -> None:
+    """Check unpadded token sequences: lengths against the context, ids against the vocabulary.
+    Raises ContextLengthError or InvalidParameter naming the first offending sequence."""
+    check_lengths(model, [len(ids) for ids in token_ids], names, new_tokens, fix)
+    vocabulary = vocabulary_size(model)
+    if vocabulary is None:
+        return
+    for name, ids in zip(names, token_ids):
+        if ids and max(ids) >= vocabulary:
+            raise _outside_vocabulary(name, max(ids), vocabulary)
+
+
+def _outside_vocabulary(name: str, token: int, vocabulary: int) -> InvalidParameter:
+    return InvalidParameter(
+        f"{name} holds token id {token}, outside the model's vocabulary of {vocabulary:,} ids: the tokenizer "
+        "does not match the model; load both from the same checkpoint"
+    )
+
+
 def check_batch(
     model: object,
     encoded: dict[str, torch.Tensor],
@@ -88,10 +113,7 @@ def check_batch(
     ids = encoded["input_ids"]
     if vocabulary is not None and ids.numel() and int(ids.max()) >= vocabulary:
         row = int((ids >= vocabulary).any(-1).nonzero()[0])
-        raise InvalidParameter(
-            f"{names[row]} holds token id {int(ids[row].max())}, outside the model's vocabulary of {vocabulary:,} "
-            "ids: the tokenizer does not match the model; load both from the same checkpoint"
-        )
+        raise _outside_vocabulary(names[row], int(ids[row].max()), vocabulary)
 
 
 def prompt_names(prompts: Sequence[object], numbers: Sequence[int] | None = None) -> list[str]:

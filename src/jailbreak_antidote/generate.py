@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .antidote import Antidote
-from .context import check_batch, check_lengths, prompt_names
+from .context import check_batch, check_token_ids, prompt_names
 from .errors import InvalidParameter
 from .models import Chat, encode_prompts, render_prompt
 from .steer import check_alpha
@@ -44,10 +44,12 @@ def row_alphas(antidote: Antidote | None, alphas: Sequence[float] | float | None
 FIX_TOO_LONG = "shorten the prompt, or generate fewer new tokens (--max-new-tokens)"
 
 
-def prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Chat], system: str | None = None) -> list[int]:
-    """Tokens of each prompt as the model reads it (chat template and generation prompt included)."""
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Chat], system: str | None = None
+) -> list[list[int]]:
+    """Each prompt's token ids as the model reads it (chat template and generation prompt included)."""
     texts = [render_prompt(tokenizer, p, system) for p in prompts]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def generate_answers(
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
     names = prompt_names(prompts)
-    check_lengths(model, prompt_lengths(tokenizer, prompts, system), names, max_new_tokens, FIX_TOO_LONG)
+    check_token_ids(model, prompt_token_ids(tokenizer, prompts, system), names, max_new_tokens, FIX_TOO_LONG)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # less padding per batch
     answers = [Answer("")] * len(prompts)

@@ -174,14 +174,18 @@ class DefenseRunner:
     _antidote_scaled = _antidote
 
     def _antidote_self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        chats = [self.generation_chats(setting, p)[0] for p in prompts]
-        return self._with_prompt_cost(prompts, chats, self._generate(chats, setting))
+        return self._rewritten(setting, prompts, steered=True)
 
     def _self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
-        chats = [self.generation_chats(setting, p)[0] for p in prompts]
-        return self._with_prompt_cost(prompts, chats, self._generate(chats))
+        return self._rewritten(setting, prompts, steered=False)
 
-    _icd = _self_reminder  # the same shape: one rewritten conversation per prompt, unsteered
+    def _icd(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
+        return self._rewritten(setting, prompts, steered=False)
+
+    def _rewritten(self, setting: Setting, prompts: list[str], steered: bool) -> list[Outcome]:
+        """Defenses that turn each prompt into one longer conversation (Self-Reminder, ICD), with its cost."""
+        chats = [self.generation_chats(setting, p)[0] for p in prompts]
+        return self._with_prompt_cost(prompts, chats, self._generate(chats, setting if steered else None))
 
     def _smoothllm(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         copies = SMOOTHLLM_COPIES

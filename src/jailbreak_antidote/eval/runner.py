@@ -25,9 +25,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..context import check_lengths, describe
+from ..context import check_token_ids, describe
 from ..errors import InvalidParameter
-from ..generate import prompt_lengths
+from ..generate import prompt_token_ids
 from ..textfiles import jsonl_lines, jsonl_text, read_json_object, read_text, write_text_atomic
 from .attacks import AttackPrompt
 from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
@@ -192,7 +192,8 @@ class Evaluation:
 
     def check_context(self) -> None:
         """Refuse to start, naming the rows, if any prompt under any setting (with the defense's own prompt
-        text) plus max_new_tokens does not fit the model's context: a run never stops half-way on it."""
+        text) plus max_new_tokens does not fit the model's context, or holds a token id outside its
+        vocabulary: a run never stops half-way on it."""
         runner = self.runner
         rows = [(a.prompt, f"attack prompt (goal {describe(a.goal)}, attack {a.attack!r}") for a in self.attack_prompts]
         rows += [(p, f"{name} prompt ({describe(p)}") for name, group in self.benign_sets.items() for p in group]
@@ -201,9 +202,9 @@ class Evaluation:
             for prompt, where in rows:
                 for chat in runner.generation_chats(setting, prompt):
                     names.setdefault(json.dumps(chat), f"{where}, defense {setting.label()!r})")
-        lengths = prompt_lengths(runner.tokenizer, [json.loads(key) for key in names])
+        token_ids = prompt_token_ids(runner.tokenizer, [json.loads(key) for key in names])
         fix = "leave such prompts out of the goals or attack file, or generate fewer new tokens (--max-new-tokens)"
-        check_lengths(runner.model, lengths, list(names.values()), runner.max_new_tokens, fix)
+        check_token_ids(runner.model, token_ids, list(names.values()), runner.max_new_tokens, fix)
 
     def run(self, out_dir: Path, config: RunConfig) -> None:
         self.check_context()
