@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from serving import KEY, RunningServer
 
+from jailbreak_antidote.errors import InvalidParameter
 from jailbreak_antidote.models import render_prompt
 from jailbreak_antidote.server import ServerConfig
 from jailbreak_antidote.server.app import ApiError, _render
@@ -60,7 +61,7 @@ def test_null_means_the_default(field):
 
 
 def test_nulls_everywhere_get_the_default_answer(server):
-    nested = {"stream_options": {"include_usage": None}, "antidote": {"alpha": None, "mode": None, "threshold": None}}
+    nested = {"antidote": {"alpha": None, "mode": None, "threshold": None}}  # stream_options: only with stream
     body = {"messages": [{"role": "user", "content": PROMPTS[0], "name": None}], "max_tokens": 8}
     nulls = {field: None for field in OPTIONAL if field != "max_tokens"}
     assert _content(server.post({**body, **nulls})) == _content(server.post(body))
@@ -73,7 +74,7 @@ NO_OP = {
     "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
     "functions": [], "function_call": "none", "modalities": ["text"], "verbosity": "medium",
     "user": "someone", "metadata": {"a": "b"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
-    "safety_identifier": "s", "stream_options": {"include_usage": False, "include_obfuscation": True},
+    "safety_identifier": "s",
 }  # fmt: skip
 REFUSED = [
     ("n", 2), ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50": 10}), ("presence_penalty", 0.5),
@@ -156,6 +157,93 @@ def test_bad_values_name_the_field_and_the_fix(server):
     assert error["param"] == "max_completion_tokens" and f"at most {LIMIT}" in error["message"]
     error = _error(server.post({"messages": HI, "seed": 2**70}))  # once a 500: torch cannot take such a seed
     assert error["param"] == "seed"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("max_tokens", True, "max_tokens"), ("max_tokens", "2", "max_tokens"), ("max_completion_tokens", "2",
+        "max_completion_tokens"), ("temperature", "0.5", "temperature"), ("temperature", False, "temperature"),
+        ("top_p", "1", "top_p"), ("seed", "3", "seed"), ("seed", True, "seed"),
+        ("antidote", {"alpha": "0.1"}, "antidote.alpha"), ("antidote", {"threshold": True}, "antidote.threshold"),
+    ],
+)  # fmt: skip
+def test_numbers_must_be_json_numbers(server, field, value, param):
+    # Once coerced: `true` was max_tokens 1, "0.5" a temperature.
+    error = _error(server.post({"messages": HI, field: value}))
+    assert error["param"] == param and "must be a number" in error["message"]
+
+
+def test_integers_are_numbers_for_float_fields():
+    body = {"messages": HI, "temperature": 0, "top_p": 1, "antidote": {"alpha": 0, "threshold": 1}}
+    request = ChatCompletionRequest.model_validate(body)
+    assert (request.temperature, request.top_p, request.antidote.alpha) == (0.0, 1.0, 0.0)
+    assert ChatCompletionRequest.model_validate({"messages": HI, "max_tokens": 2.0}).max_tokens == 2
+
+
+@pytest.mark.parametrize("stream", [False, None, "absent"])
+def test_stream_options_need_stream(server, stream):
+    body = {"messages": HI, "stream_options": {"include_usage": True}}
+    if stream != "absent":
+        body["stream"] = stream
+    error = _error(server.post(body))
+    assert error["param"] == "stream_options" and "only allowed when stream is true" in error["message"]
+
+
+def test_stream_options_with_stream_or_null_are_accepted():
+    for extra in (
+        {"stream_options": None},
+        {"stream": True, "stream_options": {"include_usage": None}},
+        {"stream": True, "stream_options": {"include_usage": False, "include_obfuscation": True}},
+    ):
+        ChatCompletionRequest.model_validate({"messages": HI, **extra})
+
+
+# ----- text no tokenizer can encode, and faults of the server --------------------------------------------
+LONE = '"a\\ud800b"'  # the JSON escape of an unpaired UTF-16 surrogate (json.dumps would not let one through)
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        (f'[{{"role": "user", "content": {LONE}}}]', "messages.0.content"),
+        (f'[{{"role": "system", "content": {LONE}}}, {{"role": "user", "content": "hi"}}]', "messages.0.content"),
+        (f'[{{"role": "user", "content": [{{"type": "text", "text": "hi"}}, {{"type": "text", "text": {LONE}}}]}}]',
+         "messages.0.content.1.text"),
+        (f'[{{"role": "user", "content": "hi"}}], "stop": {LONE}', "stop"),
+        (f'[{{"role": "user", "content": "hi"}}], "tool_choice": {LONE}', "tool_choice"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, messages, param):
+    raw = f'{{"messages": {messages}, "max_tokens": 2}}'.encode()
+    error = _error(server.post(None, content=raw, headers={"Content-Type": "application/json"}))
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert "lone surrogate" in error["message"] and "valid Unicode" in error["message"]
+    assert "chat template" not in error["message"]
+
+
+def test_render_turns_invalid_text_into_a_400_in_its_own_words(monkeypatch):
+    def refuse(*_args):
+        raise InvalidParameter("a prompt holds a lone surrogate; fix the text to valid Unicode")
+
+    monkeypatch.setattr("jailbreak_antidote.server.app.render_prompt", refuse)
+    with pytest.raises(ApiError) as raised:
+        _render(None, HI)
+    assert (raised.value.status, raised.value.param) == (400, "messages")
+    assert raised.value.message == "a prompt holds a lone surrogate; fix the text to valid Unicode"
+
+
+def test_an_unexpected_fault_is_a_500_envelope(server, monkeypatch):
+    def fail(_job):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.server.config.app.state.engine, "submit", fail)
+    response = server.post({"messages": HI, "max_tokens": 1})
+    assert response.headers["content-type"] == "application/json"
+    error = _error(response, 500)
+    assert error["type"] == "server_error" and "boom" not in error["message"]
+    monkeypatch.undo()
+    assert server.post({"messages": HI, "max_tokens": 1}).status_code == 200  # and it keeps serving
 
 
 def test_top_p_zero_is_greedy(server):

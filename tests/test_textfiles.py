@@ -79,10 +79,24 @@ def test_windows_line_ends_and_byte_order_mark(tmp_path):
     assert read_prompts(write(tmp_path / "c.csv", 'prompt\r\none\r\n"t\r\nwo"\r\n')) == ["one", "t\r\nwo"]
 
 
-def test_malformed_csv_is_a_clear_error(tmp_path):
-    path = write(tmp_path / "big.csv", "prompt\n" + "x" * (csv.field_size_limit() + 10) + "\n")
-    with pytest.raises(PromptFileError, match="not valid CSV"):
-        read_prompts(path)
+def test_long_csv_cells_are_read_whole(tmp_path):
+    many_shot = "Q: hi\nA: hello\n" * 20_000  # 300,000 characters, past the csv module's default field limit
+    assert read_prompts(write(tmp_path / "long.csv", csv_text(["prompt"], [[many_shot]]))) == [many_shot]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('prompt\n"abc', "not valid CSV"),  # unterminated quote
+        ('prompt\n"x"y\n', "not valid CSV"),  # stray quote
+        ("prompt,prompt\na,b\n", "appear more than once"),
+        ("prompt\nhello, world\n", "2 cells under a header of 1"),  # an unquoted comma
+        ("a,prompt\n1\n", "1 cells under a header of 2"),  # a short row
+    ],
+)
+def test_malformed_csv_is_a_clear_error_not_silent_loss(tmp_path, content, message):
+    with pytest.raises(PromptFileError, match=message):
+        read_prompts(write(tmp_path / "bad.csv", content))
 
 
 def test_attack_jsonl_fields_must_be_text(tmp_path):

@@ -9,8 +9,8 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .blocks import find_decoder
-from .context import check_batch, prompt_names
-from .models import encode_prompts, hidden_size, with_positions
+from .context import check_token_ids, prompt_names
+from .models import encode_prompts, hidden_size, prompt_token_ids, with_positions
 
 
 def block_output(output: object) -> torch.Tensor:
@@ -27,11 +27,17 @@ def _block_outputs(
     batch_size: int,
     progress: Progress | None,
     description: str,
+    names: Sequence[str] | None = None,
+    fix: str = "shorten it",
 ) -> Iterator[tuple[list[int], dict[int, torch.Tensor], torch.Tensor]]:
     """Yield (prompt indices, {layer: block output [batch, seq, hidden]}, attention mask) per batch.
 
     Prompts of similar length are batched together (less padding, fewer wasted FLOPs); left padding puts
-    every prompt's last token at position -1. Only the decoder stack runs (no LM head)."""
+    every prompt's last token at position -1. Only the decoder stack runs (no LM head). Every prompt is
+    checked against the context and vocabulary first (ContextLengthError / InvalidParameter naming it by
+    `names`, default "prompt N")."""
+    names = list(names) if names is not None else prompt_names(prompts)
+    check_token_ids(model, prompt_token_ids(tokenizer, prompts, system), names, fix=fix)
     stack, blocks = find_decoder(model)
     device = next(model.parameters()).device
     captured: dict[int, torch.Tensor] = {}
@@ -50,7 +56,6 @@ def _block_outputs(
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
                 encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
-                check_batch(model, encoded, prompt_names([prompts[i] for i in index], index))
                 stack(**with_positions(encoded), use_cache=False)
                 yield index, dict(captured), encoded["attention_mask"]
                 captured.clear()
@@ -71,11 +76,13 @@ def last_token_states(
     batch_size: int = 16,
     progress: Progress | None = None,
     description: str = "forward passes",
+    names: Sequence[str] | None = None,
+    fix: str = "shorten it",
 ) -> torch.Tensor:
     """Float32 tensor [len(prompts), len(layers), hidden]: output of block l at the last prompt token."""
     states = torch.empty(len(prompts), len(layers), hidden_size(model))
     for index, outputs, _mask in _block_outputs(model, tokenizer, prompts, layers, system, batch_size, progress,
-                                                description):  # fmt: skip
+                                                description, names, fix):  # fmt: skip
         states[index] = torch.stack([outputs[layer][:, -1, :].float().cpu() for layer in layers], dim=1)
     return states
 
@@ -90,12 +97,14 @@ def prompt_token_states(
     batch_size: int = 16,
     progress: Progress | None = None,
     description: str = "forward passes",
+    names: Sequence[str] | None = None,
+    fix: str = "shorten it",
 ) -> list[torch.Tensor]:
     """Per prompt, a bfloat16 tensor [tokens, len(layers), hidden]: block outputs at every non-padding token
     of the rendered prompt (bfloat16 halves the memory and keeps float32's range)."""
     states: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     for index, outputs, mask in _block_outputs(model, tokenizer, prompts, layers, system, batch_size, progress,
-                                               description):  # fmt: skip
+                                               description, names, fix):  # fmt: skip
         stacked = torch.stack([outputs[layer] for layer in layers], dim=2).to("cpu", torch.bfloat16)
         real = mask.bool().cpu()
         for row, i in enumerate(index):

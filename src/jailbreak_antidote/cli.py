@@ -14,7 +14,7 @@ from rich.table import Table
 
 from . import bundled
 from .errors import AntidoteError, InvalidParameter
-from .textfiles import jsonl_text, write_text_atomic
+from .textfiles import check_output_path, jsonl_text, write_text_atomic
 
 app = typer.Typer(
     help="Jailbreak Antidote: steer a chat LLM's hidden states along a sparse safety direction at run time.\n\n"
@@ -53,15 +53,28 @@ SystemOption = Annotated[
 ]
 
 
+# Options that name where a command writes, checked before any work so that a bad path fails at once.
+OUTPUT_FILES = ("out_path", "request_log")
+OUTPUT_DIRS = ("out_dir",)
+
+
 def friendly_errors(command: F) -> F:
-    """Print AntidoteErrors as one line and exit 2, instead of a traceback."""
+    """Print AntidoteErrors (and file-system errors) as one line and exit 2, instead of a traceback; check
+    the command's output paths (parameters named in OUTPUT_FILES / OUTPUT_DIRS) before it starts."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            for name in OUTPUT_FILES + OUTPUT_DIRS:
+                if kwargs.get(name) is not None:
+                    check_output_path(kwargs[name], directory=name in OUTPUT_DIRS)
             return command(*args, **kwargs)
         except AntidoteError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # e.g. a full disk or a read-only folder while writing results
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

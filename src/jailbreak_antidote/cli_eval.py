@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,23 @@ BenignLimitOption = Annotated[
 ]
 
 
+def _distinct(prompts: list[str], where: str) -> list[str]:
+    """A prompt set without repeats: a repeated prompt would count twice in every rate."""
+    repeated = [p for p, n in Counter(prompts).items() if n > 1]
+    if repeated:
+        raise InvalidParameter(f"{where} repeats {len(repeated)} prompt(s), e.g. {repeated[0][:60]!r}; remove the "
+                               "duplicates so every prompt counts once")  # fmt: skip
+    return prompts
+
+
+def _check_counts(**values: int | None) -> None:
+    """--limit, --stride and the like: absent, or a positive count."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParameter(f"{flag} must be at least 1, got {value} (leave it out for all)")
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -51,6 +69,11 @@ def _attack_prompts(attacks: str, goals_path: Path, limit: int | None, stride: i
     path = Path(attacks)
     if path.suffix.lower() in (".csv", ".jsonl") or path.is_file():
         prompts = read_attack_file(path)
+        pairs = [(p.goal, p.attack) for p in prompts]
+        repeated = [pair for pair, n in Counter(pairs).items() if n > 1]
+        if repeated:
+            raise InvalidParameter(f"attack file {str(path)!r} holds goal {repeated[0][0][:60]!r} under attack "
+                                   f"{repeated[0][1]!r} more than once; keep one row per goal and attack")  # fmt: skip
         goals = list(dict.fromkeys(p.goal for p in prompts))[::stride][:limit]
         keep = set(goals)
         return [p for p in prompts if p.goal in keep]
@@ -65,7 +88,10 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 
     sets: dict[str, list[str]] = {}
     for path in benign or []:
-        sets[path.stem] = read_prompts(path)
+        if path.stem in sets or path.stem.startswith("xstest"):
+            raise InvalidParameter(f"two benign sets would both be named {path.stem!r} (sets are named by file "
+                                   f"name): rename {str(path)!r}")  # fmt: skip
+        sets[path.stem] = _distinct(read_prompts(path), f"benign file {str(path)!r}")
     if xstest is not None:
         sets["xstest-safe"], sets["xstest-unsafe"] = read_xstest(xstest)
     if not sets:
@@ -86,8 +112,9 @@ def _run(
     from .prompts import builtin_calibration
     from .steer import check_alpha
 
-    if stride < 1:
-        raise InvalidParameter(f"--stride must be at least 1, got {stride}")
+    _check_counts(stride=stride, limit=limit, benign_limit=benign_limit, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size)  # fmt: skip
+    sampling = Sampling(temperature=temperature, seed=seed)  # checks the temperature
     attack_prompts = _attack_prompts(attacks, goals, limit, stride)
     benign_sets = _benign_sets(benign, xstest, benign_limit)
     antidote = Antidote.load(antidote_path) if antidote_path else None
@@ -119,7 +146,7 @@ def _run(
     )  # fmt: skip
     runner = DefenseRunner(
         lm, tokenizer, antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        sampling=Sampling(temperature=temperature, seed=seed),
+        sampling=sampling,
         perplexity_reference=builtin_calibration().harmless, threshold=threshold,
     )  # fmt: skip
     err.print(
@@ -266,12 +293,18 @@ def judge_agreement(
         str | None,
         typer.Option(help="Also rate with a local LLM judge (PAIR rubric; a bundled name or path) [default: none]"),
     ] = None,
-    llm_threshold: Annotated[int, typer.Option(help="LLM rating at or above which an answer counts as complying")] = 5,
+    llm_threshold: Annotated[
+        int, typer.Option(help="LLM rating (1-10) at or above which an answer counts as complying")
+    ] = 5,
     limit: Annotated[int | None, typer.Option(help="Only the first N completions of each file [default: all]")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Also write judge_agreement.json here")] = None,
 ) -> None:
     """How often the judges agree with the human labels of XSTest completions (accuracy, recalls)."""
     from .eval.judges import agreement, is_refusal, llm_judge_ratings, read_labelled_completions
+
+    _check_counts(limit=limit)
+    if not 1 <= llm_threshold <= 10:
+        raise InvalidParameter(f"--llm-threshold is a rating from 1 to 10, got {llm_threshold}")
 
     judge = _load(llm_judge) if llm_judge else None
     rows = []

@@ -31,7 +31,9 @@ def strength_defaults(
     top = max(antidote.alpha.get("range", [0, 0])[1], antidote.suggested_alpha, default)
     high = check_alpha(alpha_max if alpha_max is not None else top)
     if not low <= default <= high:
-        raise InvalidParameter(f"--alpha {default:g} is outside [--alpha-min {low:g}, --alpha-max {high:g}]")
+        which = "--alpha" if alpha is not None else ("the tuned alpha" if antidote.tuned else "the default alpha")
+        raise InvalidParameter(f"{which} {default:g} is outside [--alpha-min {low:g}, --alpha-max {high:g}]; "
+                               "pass an --alpha inside that range")  # fmt: skip
     return default, low, high
 
 
@@ -115,6 +117,13 @@ def serve(
         raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
     if no_antidote and antidote_path is not None:
         raise InvalidParameter("give --antidote or --no-antidote, not both")
+    steering = {"--alpha": alpha, "--alpha-max": alpha_max, "--mode": mode, "--threshold": threshold}
+    given = [flag for flag, value in steering.items() if value is not None] + (["--alpha-min"] if alpha_min else [])
+    if no_antidote and given:
+        raise InvalidParameter(f"--no-antidote serves the model unsteered, so {', '.join(given)} would do nothing; "
+                               "drop them or the --no-antidote")  # fmt: skip
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise InvalidParameter(f"--threshold is a harm probability in [0, 1], got {threshold}")
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]

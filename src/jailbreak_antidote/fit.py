@@ -22,6 +22,7 @@ from . import bundled
 from .activations import last_token_states
 from .antidote import SELECTORS, Antidote, check_k, sparse_mask
 from .blocks import decoder_blocks
+from .context import describe
 from .errors import AntidoteError, InvalidParameter
 from .models import model_identity, weights_digest
 from .prompts import builtin_calibration, check_pairs
@@ -160,6 +161,8 @@ def fit_antidote(
             batch_size=batch_size,
             progress=progress,
             description="reading hidden states",
+            names=[f"harmful prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmful)]
+            + [f"harmless prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmless)],
         )
     pos, neg = states[: len(harmful)], states[len(harmful) :]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .antidote import Antidote
 from .context import check_batch, check_token_ids, prompt_names
 from .errors import InvalidParameter
-from .models import Chat, encode_prompts, render_prompt
+from .models import Chat, encode_prompts, prompt_token_ids
 from .steer import check_alpha
 
 
@@ -24,6 +25,12 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidParameter(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
 
     def kwargs(self) -> dict[str, object]:
         if self.temperature <= 0:
@@ -42,14 +49,6 @@ def row_alphas(antidote: Antidote | None, alphas: Sequence[float] | float | None
 
 
 FIX_TOO_LONG = "shorten the prompt, or generate fewer new tokens (--max-new-tokens)"
-
-
-def prompt_token_ids(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Chat], system: str | None = None
-) -> list[list[int]]:
-    """Each prompt's token ids as the model reads it (chat template and generation prompt included)."""
-    texts = [render_prompt(tokenizer, p, system) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 @dataclass(frozen=True)

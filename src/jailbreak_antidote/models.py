@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Chat, system: str 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
+    for message in messages:
+        _check_encodable(message["content"])
     if not getattr(tokenizer, "chat_template", None):
         return _plain_format(messages)
     try:
@@ -97,11 +99,23 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Chat, system: str 
     except Exception as exc:  # jinja raises TemplateError("System role not supported") from the template
         if messages[0]["role"] != "system":
             raise
-        if len(messages) == 1:
+        if len(messages) == 1 or messages[1]["role"] != "user":
             raise InvalidParameter(
-                f"the chat template cannot render a system message alone ({exc}); add a user message"
+                f"the chat template has no system role ({exc}), and the system message can only be folded into "
+                "a user message that follows it; start the conversation with a user message after the system one"
             ) from exc
         return tokenizer.apply_chat_template(_fold_system(messages), tokenize=False, add_generation_prompt=True)
+
+
+def _check_encodable(text: str) -> None:
+    """Text a tokenizer can encode: no lone surrogates (a JSON escape such as \\ud800 without its pair)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            f"a prompt holds a lone surrogate {text[exc.start]!r} at character {exc.start} (an unpaired UTF-16 escape "
+            f"such as \\ud800), which no tokenizer can encode: {text[:50]!r}; fix the text to valid Unicode"
+        ) from None
 
 
 def _fold_system(messages: list[Message]) -> list[Message]:
@@ -137,6 +151,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def with_positions(encoded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tokenizer's batch plus `position_ids`, ready for a forward pass over a left-padded batch."""
     return {**encoded, "position_ids": position_ids(encoded["attention_mask"])}
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Chat], system: str | None = None
+) -> list[list[int]]:
+    """Each prompt's token ids as the model reads it (chat template and generation prompt included)."""
+    texts = [render_prompt(tokenizer, p, system) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
 def hidden_size(model: PreTrainedModel) -> int:

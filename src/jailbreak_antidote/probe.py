@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .activations import prompt_token_states
 from .blocks import decoder_blocks
+from .context import describe
 from .errors import ArtifactError, InvalidParameter
 from .prompts import check_pairs
 
@@ -299,6 +300,11 @@ def fit_probe(
     states = prompt_token_states(
         model, tokenizer, train.prompts + valid.prompts, layers, system=system, batch_size=batch_size,
         progress=progress, description="probe forward passes",
+        names=[f"{kind} prompt {i + 1}, as wrapped for the probe ({describe(p)})"
+               for kind, prompts in (("training", train.prompts), ("validation", valid.prompts))
+               for i, p in enumerate(prompts)],
+        fix="the probe wraps each calibration prompt in jailbreak templates; use shorter calibration prompts or a "
+        "model with a longer context",
     )  # fmt: skip
     train_states, valid_states = states[: len(train.prompts)], states[len(train.prompts) :]
     y_train, y_valid = torch.tensor(train.labels), torch.tensor(valid.labels)

@@ -52,9 +52,12 @@ def _pick_field(row: dict[str, Any], field: str | None, where: str) -> str:
         value = row.get(name)
         if isinstance(value, str) and value.strip():
             return value
+        if name in row:  # the field is there, but holds no usable text
+            found = "blank text" if isinstance(value, str) else f"{type(value).__name__} {value!r:.40}"
+            raise PromptFileError(f"{where}: field {name!r} holds {found}, not a prompt; give it the prompt text")
     raise PromptFileError(
-        f"{where}: no prompt text; expected a non-empty field named "
-        f"{' or '.join(repr(n) for n in names)}, found fields {sorted(row)}"
+        f"{where}: no prompt text; expected a field named {' or '.join(repr(n) for n in names)}, "
+        f"found fields {sorted(row)}"
     )
 
 
@@ -63,6 +66,8 @@ def _from_item(item: Any, field: str | None, where: str) -> str:
         return item
     if isinstance(item, dict):
         return _pick_field(item, field, where)
+    if isinstance(item, str):
+        raise PromptFileError(f"{where}: the prompt is blank (only whitespace or line breaks); remove it")
     raise PromptFileError(f"{where}: expected a string or an object with a prompt field, got {item!r:.60}")
 
 

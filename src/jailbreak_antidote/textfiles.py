@@ -18,9 +18,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import PromptFileError
+from .errors import InvalidParameter, PromptFileError
 
 _JSON_WHITESPACE = " \t\r\n"  # what JSON allows between tokens; str.strip() would also eat U+2028 etc.
+_LARGEST_FIELD = 2**31 - 1  # the most the csv module takes on every platform
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line ends of a plain text file (Unix, Windows, old Mac)
 
 
@@ -80,15 +81,32 @@ def iter_jsonl(text: str, where: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def csv_table(text: str, where: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(header, rows as dicts keyed by it) of CSV text; quoted cells keep their line breaks.
+    """(header, rows as dicts keyed by it) of CSV text; quoted cells keep their line breaks, however long.
 
-    Raises PromptFileError naming the file and line when the csv module cannot parse it."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    Strict, so that nothing is lost silently: raises PromptFileError naming the file and row for text the
+    csv module cannot parse (an unterminated quote, a stray quote), a repeated column name, or a row with
+    more or fewer cells than the header (an unquoted comma, a short row)."""
+    csv.field_size_limit(_LARGEST_FIELD)  # the default, 128 KiB, refuses many-shot templates
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+        header = next(reader, [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise PromptFileError(f"{where}: column(s) {', '.join(map(repr, repeated))} appear more than once; "
+                                  "give every column its own name")  # fmt: skip
+        rows = []
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                raise PromptFileError(
+                    f"{where} row ending on line {reader.line_num}: {len(cells)} cells under a header of "
+                    f"{len(header)}; quote cells that hold commas, and give every row all its cells"
+                )
+            rows.append(dict(zip(header, cells)))
     except csv.Error as exc:
-        raise PromptFileError(f"{where} line {reader.line_num}: not valid CSV ({exc})") from None
+        raise PromptFileError(f"{where} line {reader.line_num}: not valid CSV ({exc}); check its quotes") from None
+    return header, rows
 
 
 def jsonl_line(value: Any) -> str:
@@ -106,6 +124,19 @@ def jsonl_line(value: Any) -> str:
 
 def jsonl_text(rows: Iterable[Any]) -> str:
     return "".join(jsonl_line(row) for row in rows)
+
+
+def check_output_path(path: str | Path, directory: bool = False) -> None:
+    """Raise InvalidParameter if nothing could be written at `path`: a file where a directory is wanted or
+    the reverse, or a file standing where one of its parent directories should be."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise InvalidParameter(f"{str(path)!r} is a file; give a directory to write into")
+    if not directory and path.is_dir():
+        raise InvalidParameter(f"{str(path)!r} is a directory; give a file name to write to")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InvalidParameter(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

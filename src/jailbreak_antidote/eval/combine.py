@@ -8,7 +8,6 @@ there (a rerun of a setting is then a reproducibility check, not a silent choice
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParameter
-from ..textfiles import read_json_object, write_text_atomic
+from ..textfiles import csv_table, read_json_object, read_text, write_text_atomic
 from .report import (
     AGREEMENT_FILE,
     SUMMARY_FILE,
@@ -43,8 +42,7 @@ def _optional_float(text: str) -> float | None:
 def read_summary_csv(path: Path) -> list[dict[str, Any]]:
     """summary.csv back into the summary rows `summarize` returns."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        _columns, rows = csv_table(read_text(path, "summary file"), path)
         return [
             dict(defense=r["defense"], alpha=float(r["alpha"]), k=_optional_float(r["k"]),
                  selector=r["selector"] or None, metric=r["metric"], scope=r["scope"], n=int(r["n"]),

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..antidote import Antidote
-from ..context import check_batch, prompt_names
+from ..antidote import SELECTORS, Antidote, check_k
+from ..context import check_batch, context_length, prompt_names
 from ..errors import InvalidParameter
 from ..generate import Sampling, generate_answers
-from ..models import Chat, render_prompt, with_positions
+from ..models import Chat, prompt_token_ids, render_prompt, with_positions
 from .judges import is_refusal
 
 SELF_REMINDER_SYSTEM = (
@@ -126,7 +126,7 @@ class DefenseRunner:
             return None
         if self.antidote is None:
             raise InvalidParameter(f"defense {setting.defense!r} needs an antidote (--antidote PATH)")
-        k = 1.0 if setting.defense == "dense-antidote" else (setting.k or self.antidote.k)
+        k = 1.0 if setting.defense == "dense-antidote" else (self.antidote.k if setting.k is None else setting.k)
         if k == self.antidote.k and setting.selector == self.antidote.selector:
             return self.antidote
         return self.antidote.with_k(k, setting.selector)
@@ -237,6 +237,13 @@ class DefenseRunner:
     def _paraphrase(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         paraphrases = self._generate([self.generation_chats(setting, p)[0] for p in prompts])
         paraphrases = [p.strip() or original for p, original in zip(paraphrases, prompts)]
+        # A rewrite re-tokenised can outgrow the tokens generated for it; past the context, answer the
+        # original prompt (checked before the run) rather than stop the run half-way.
+        limit = context_length(self.model)
+        if limit is not None:
+            lengths = [len(ids) for ids in prompt_token_ids(self.tokenizer, paraphrases)]
+            too_long = [n + self.max_new_tokens > limit for n in lengths]
+            paraphrases = [o if bad else p for p, o, bad in zip(paraphrases, prompts, too_long)]
         answers = self._generate(paraphrases)
         return [Outcome(a, extra_generations=1, details={"paraphrase": p}) for a, p in zip(answers, paraphrases)]
 
@@ -285,6 +292,11 @@ def build_settings(
     unknown = [d for d in defenses if d not in DEFENSES]
     if unknown:
         raise InvalidParameter(f"unknown defense(s) {', '.join(unknown)}; defenses are: {', '.join(DEFENSES)}")
+    for k in ks:
+        check_k(k)
+    bad = [s for s in selectors if s not in SELECTORS]
+    if bad:
+        raise InvalidParameter(f"unknown selector(s) {', '.join(bad)}; selectors are: {', '.join(SELECTORS)}")
     settings: list[Setting] = []
     for defense in dict.fromkeys(defenses):
         if defense not in STEERED:

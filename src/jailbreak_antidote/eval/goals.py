@@ -45,6 +45,11 @@ def read_xstest(path: str | Path) -> tuple[list[str], list[str]]:
     columns, rows = csv_table(read_text(path, "XSTest file"), path)
     if not rows or not {"prompt", "label"} <= set(columns):
         raise PromptFileError(f"{path}: expected XSTest columns 'prompt' and 'label' (safe/unsafe)")
-    safe = [r["prompt"] for r in rows if (r["label"] or "").strip() == "safe" and (r["prompt"] or "").strip()]
-    unsafe = [r["prompt"] for r in rows if (r["label"] or "").strip() == "unsafe" and (r["prompt"] or "").strip()]
-    return safe, unsafe
+    groups: dict[str, list[str]] = {"safe": [], "unsafe": []}
+    for row_number, row in enumerate(rows, start=2):
+        label = row["label"].strip().lower()
+        if label not in groups:
+            raise PromptFileError(f"{path} row {row_number}: label {row['label']!r} is neither safe nor unsafe")
+        if row["prompt"].strip():
+            groups[label].append(row["prompt"])
+    return groups["safe"], groups["unsafe"]

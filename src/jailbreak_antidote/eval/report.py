@@ -34,9 +34,22 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+NUMBER = (int, float)
+_SETTING = {"defense": str, "alpha": NUMBER, "k": (*NUMBER, type(None)), "selector": (str, type(None))}
+_JUDGED = {**_SETTING, "judges.keyword_refusal": bool}
+_COST = {f"cost.{c}": NUMBER for c in ("extra_generations", "extra_scoring_passes", "extra_prompt_tokens")}
+# The fields the summary reads from each file, with their types: a row without them is named, not a KeyError.
+REQUIRED = {
+    ROWS_FILE: {**_JUDGED, "attack": str, **_COST},
+    UTILITY_FILE: {**_JUDGED, "set": str},
+    METRICS_FILE: {**_SETTING, "n_prompts": int, "next_token_kl": NUMBER, "answer_nll": NUMBER,
+                   "baseline_answer_nll": NUMBER},
+}  # fmt: skip
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a run's JSONL file; a torn last line (a run still writing, or stopped mid-write) is left out."""
-    return read_rows(path)[0] if path.is_file() else []
+    return read_rows(path, REQUIRED[path.name])[0] if path.exists() else []
 
 
 def setting_key(row: dict[str, Any]) -> SettingKey:

@@ -7,9 +7,10 @@ antidote, generation settings): mixing rows from another configuration is refuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from rich.progress import (
 
 from ..context import check_token_ids, describe
 from ..errors import InvalidParameter
-from ..generate import prompt_token_ids
-from ..textfiles import jsonl_lines, jsonl_text, read_json_object, read_text, write_text_atomic
+from ..models import prompt_token_ids
+from ..textfiles import jsonl_lines, jsonl_text, read_json_object, write_text_atomic
 from .attacks import AttackPrompt
 from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
 from .judges import is_refusal
@@ -56,7 +57,8 @@ class RunConfig:
 
     def describe_difference(self, other: dict[str, Any]) -> str:
         mine = asdict(self)
-        return ", ".join(f"{k}: {other.get(k)!r} there vs {v!r} now" for k, v in mine.items() if other.get(k) != v)
+        changed = [f"{k}: {other.get(k)!r} there vs {v!r} now" for k, v in mine.items() if other.get(k) != v]
+        return ", ".join(changed + [f"{k}: {other[k]!r} there, unknown now" for k in other if k not in mine])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -67,27 +69,47 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_rows(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """(rows, whether the last line was torn) of a JSONL rows file written by this module.
+def read_rows(path: Path, required: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether the file needs rewriting) of a JSONL rows file written by this module.
 
-    A run stopped mid-write leaves a torn last line: it is dropped (the rerun recomputes it). A bad line
-    anywhere else, or a line that is not an object, is an InvalidParameter naming the line."""
-    text = read_text(path, "rows file")
-    lines = list(jsonl_lines(text))
-    rows: list[dict[str, Any]] = []
-    for position, (number, line) in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if position == len(lines):
-                return rows, True
+    A run stopped mid-write leaves a torn last line, possibly cut inside a multi-byte character: it is
+    dropped (the rerun recomputes it), so the file needs rewriting, as it does when its last row lacks the
+    final newline. A bad line anywhere else, a line that is not an object, or a row without one of the
+    `required` fields ("a.b" -> type) is an InvalidParameter naming the line."""
+    if path.is_dir():
+        raise InvalidParameter(f"{path} is a directory, not a rows file; move it out of the way")
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1  # the complete lines end at the last newline
+    try:
+        text = data[:cut].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidParameter(f"{path}: not UTF-8 at byte {exc.start}; restore the file or delete it") from None
+    rows = [_checked_row(path, number, line, required) for number, line in jsonl_lines(text)]
+    tail = data[cut:]
+    if not tail.strip():
+        return rows, bool(tail)
+    with contextlib.suppress(UnicodeDecodeError, InvalidParameter):  # a last line without its newline:
+        rows.append(_checked_row(path, text.count("\n") + 1, tail.decode("utf-8"), required))  # whole, or torn
+    return rows, True
+
+
+def _checked_row(path: Path, number: int, line: str, required: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameter(f"{path} line {number} is corrupt ({exc.msg}); delete that line or the file") from None
+    if not isinstance(row, dict):
+        raise InvalidParameter(f"{path} line {number} is not a JSON object; delete that line or the file")
+    for name, kind in (required or {}).items():
+        value = row
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise InvalidParameter(
-                f"{path} line {number} is corrupt ({exc.msg}); delete that line or the file"
-            ) from None
-        if not isinstance(row, dict):
-            raise InvalidParameter(f"{path} line {number} is not a JSON object; delete that line or the file")
-        rows.append(row)
-    return rows, False
+                f"{path} line {number} has no valid {name!r} (found {value!r:.40}); it was not written by "
+                "`antidote eval`: delete that line or the file"
+            )
+    return row
 
 
 class RowStore:
@@ -97,9 +119,9 @@ class RowStore:
         self.path = path
         self.key_fields = tuple(key_fields)
         self.rows: list[dict[str, Any]] = []
-        if path.is_file():
-            self.rows, torn = read_rows(path)
-            if torn:  # drop the torn tail so appends stay valid JSONL
+        if path.exists():
+            self.rows, rewrite = read_rows(path)
+            if rewrite:  # drop a torn tail, end with a newline: appends stay valid JSONL
                 write_text_atomic(path, jsonl_text(self.rows))
         self.keys = {self.key(row) for row in self.rows}
 

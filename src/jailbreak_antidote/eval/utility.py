@@ -15,8 +15,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
-from ..context import check_batch, describe, prompt_names
-from ..models import encode_prompts, render_prompt, with_positions
+from ..context import check_batch, check_token_ids, context_length, prompt_names
+from ..models import encode_prompts, prompt_token_ids, with_positions
 
 
 def _maybe_steered(antidote: Antidote | None, model: PreTrainedModel, alpha: float, mode: str, threshold: float):
@@ -65,29 +65,36 @@ def answer_nll(
     threshold: float = 0.5,
 ) -> float:
     """Mean per-token NLL of `answers` (the undefended model's own) given their prompts, under steering.
-    In gated / scaled modes prompt and answer go through in one pass, so the probe reads both."""
+    In gated / scaled modes prompt and answer go through in one pass, so the probe reads both.
+
+    The answer is scored as its own tokens after the prompt's; an answer that would run past the model's
+    context (re-tokenised text can be longer than what was generated) is scored up to the context's end."""
+    limit = context_length(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        texts, answer_lengths, names = [], [], []
-        for number, prompt, answer in zip(
-            range(start, len(prompts)), prompts[start : start + batch_size], answers[start : start + batch_size]
-        ):
-            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-            if not ids:
-                continue
-            texts.append(render_prompt(tokenizer, prompt) + answer)
-            answer_lengths.append(len(ids))
-            names.append(f"prompt {number + 1} with its answer ({describe(prompt)})")
-        if not texts:
+        chunk = list(prompts[start : start + batch_size])
+        prompt_ids = prompt_token_ids(tokenizer, chunk)
+        check_token_ids(model, prompt_ids, prompt_names(chunk, range(start, start + len(chunk))), new_tokens=1)
+        rows, answer_lengths = [], []
+        for ids, answer in zip(prompt_ids, answers[start : start + batch_size]):
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if limit is not None:
+                answer_ids = answer_ids[: limit - len(ids)]
+            if answer_ids:
+                rows.append(ids + answer_ids)
+                answer_lengths.append(len(answer_ids))
+        if not rows:
             continue
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        check_batch(model, encoded, names)
-        encoded = with_positions(encoded)
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])  # left padding
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        encoded = with_positions({"input_ids": input_ids, "attention_mask": mask})
         with _maybe_steered(antidote, model, alpha, mode, threshold):
             logits = model(**encoded, logits_to_keep=max(answer_lengths) + 1).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, n in enumerate(answer_lengths):
-            targets = encoded["input_ids"][row, -n:]
+            targets = input_ids[row, -n:]
             total -= float(logprobs[row, -n - 1 : -1].gather(-1, targets[:, None]).sum())
             tokens += n
     return total / max(1, tokens)

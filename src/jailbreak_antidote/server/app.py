@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions (plain and streaming), /v1/models, /health, /metrics.
 
 Per-request strength: the extra body field `{"antidote": {"alpha": 0.4}}` (`extra_body` in the openai
-client). Every error is an OpenAI-style JSON envelope with a 4xx status; the server keeps serving.
+client). Every error is an OpenAI-style JSON envelope (4xx; 500 `server_error` for a fault of the server, whatever
+it is); the server keeps serving.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
 from ..context import context_length, vocabulary_size
+from ..errors import InvalidParameter
 from ..eval.judges import is_refusal
 from ..models import render_prompt
 from .engine import BatchEngine, Delta, Finished, GenerationRequest
@@ -56,6 +58,13 @@ class ServerConfig:
     max_queue: int = 256
     request_log: Path | None = None
     log_prompts: bool = False
+
+
+class ErrorResponse(JSONResponse):
+    """An error envelope in ASCII JSON: a message that quotes the request cannot fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class ApiError(Exception):
@@ -93,20 +102,31 @@ def create_app(
     # ----- errors: always the OpenAI envelope, never a traceback ----------------------------------
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
+        return ErrorResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(*_describe_validation(exc.errors())), status_code=400)
+        return ErrorResponse(error_body(*_describe_validation(exc.errors())), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        return ErrorResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_fault(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette re-raises the exception after sending this, so the server log gets the traceback.
+        message = "the server failed on this request (its fault, not the request's); the server log has the details"
+        return ErrorResponse(error_body(message, "server_error"), status_code=500)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered by server_fault, outside this middleware
+            if request.url.path == CHAT_PATH:
+                metrics.requests.labels("500").inc()
+            raise
         if request.url.path == CHAT_PATH:
             metrics.requests.labels(str(response.status_code)).inc()
         return response
@@ -304,6 +324,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -> s
         return render_prompt(tokenizer, chat)
     except Exception as exc:  # jinja's TemplateError, or whatever the template or the system-role fallback raises
         cause = _template_cause(exc)
+    if isinstance(cause, InvalidParameter):  # refused before any template ran (text no tokenizer can encode):
+        raise ApiError(400, str(cause), "messages")  # its own message says what is wrong and what to send
     if isinstance(cause, TemplateSyntaxError):
         raise ApiError(500, f"the model's chat template is broken ({cause}); this is a fault of the served model, "
                        "not of the request", kind="server_error")  # fmt: skip

@@ -5,6 +5,9 @@ form of each field:
 
 - `null` for any optional field means the field's default (as in the OpenAI API);
 - `stop` is a list of distinct, non-empty strings (a string becomes a one-element list, `""` is dropped);
+- numbers are JSON numbers: a boolean or a string (`true`, `"0.5"`) is refused, not coerced;
+- no string holds a lone surrogate (JSON's `"\\ud800"`), which no tokenizer can encode;
+- `stream_options` comes only with `stream: true`;
 - the OpenAI fields this server does not implement (`UNSUPPORTED`) are accepted at their no-op value and
   refused otherwise, with a message naming the field; metadata fields (`IGNORED`) are accepted and have no
   effect on the answer; any other field is refused as unrecognised (as the OpenAI API does).
@@ -16,9 +19,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Accepted and ignored: they describe the caller or the bill, not the answer.
@@ -61,6 +64,50 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _refuse(param: str, message: str) -> PydanticCustomError:
     """A validation error that the app turns into a 400 with `param` and this message as they are."""
     return PydanticCustomError("refused_field", "{message}", {"message": message, "param": param})
+
+
+def _json_number(value: Any) -> Any:
+    """Numbers are JSON numbers: pydantic's lax mode would read `true` as 1 and `"0.5"` as 0.5."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "must be a number, not a boolean ({value})", {"value": _show(value)})
+    if isinstance(value, str):
+        raise PydanticCustomError(
+            "number_type", "must be a number, not a string ({value}); send the number without quotes",
+            {"value": _show(value)},
+        )  # fmt: skip
+    return value
+
+
+# The numeric request fields: a float field takes integers too ("temperature": 0), an integer field takes 2.0.
+Number = Annotated[float, BeforeValidator(_json_number)]
+Integer = Annotated[int, BeforeValidator(_json_number)]
+
+
+def _lone_surrogate(data: Any) -> tuple[str, bool] | None:
+    """Where the first string holding a lone surrogate is, as a dotted path, and whether it is a field name."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and _unencodable(value):
+            return ".".join(path), False
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and _unencodable(key):
+                    return ".".join(path), True
+            stack.extend(((*path, str(key)), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*path, str(i)), item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _unencodable(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # only a lone surrogate cannot be encoded
+        return True
+    return False
 
 
 def _without_nulls(data: Any) -> Any:
@@ -137,9 +184,9 @@ class ChatMessage(_Strict):
 
 
 class AntidoteOptions(_Strict):
-    alpha: float | None = Field(default=None, allow_inf_nan=False, description="Steering strength for this request")
+    alpha: Number | None = Field(default=None, allow_inf_nan=False, description="Steering strength for this request")
     mode: Literal["fixed", "gated", "scaled"] | None = Field(default=None, description="How the harm probe sets it")
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Gated mode")
+    threshold: Number | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Gated mode")
 
 
 class StreamOptions(_Strict):
@@ -152,11 +199,11 @@ class ChatCompletionRequest(_Strict):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    max_tokens: Integer | None = Field(default=None, ge=1)
+    max_completion_tokens: Integer | None = Field(default=None, ge=1)
+    temperature: Number = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy")
+    top_p: Number = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: Integer | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: list[str] = Field(default_factory=list, description="Distinct, non-empty stop strings")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -166,7 +213,14 @@ class ChatCompletionRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _openai_fields(cls, data: Any) -> Any:
-        """Nulls dropped, unsupported fields checked and dropped at their no-op values, unknown fields refused."""
+        """Lone surrogates refused, nulls dropped, unsupported fields checked and dropped at their no-op values,
+        unknown fields refused."""
+        if (found := _lone_surrogate(data)) is not None:
+            where, in_name = found
+            what = f"a field name in {where or 'the request'}" if in_name else where
+            raise _refuse(where or "body", f"{what} holds a lone surrogate (an unpaired UTF-16 escape such as "
+                          "\\ud800), which no tokenizer can encode; send valid Unicode (an escaped emoji is a "
+                          "pair, high then low: \\ud83d\\ude00)")  # fmt: skip
         if not isinstance(data, dict):
             return data
         data = _without_nulls(data)  # here too: the no-op checks below must not see a null
@@ -196,6 +250,13 @@ class ChatCompletionRequest(_Strict):
         if len(stops) > 4:
             raise _refuse("stop", f"{len(stops)} stop sequences given; at most 4 are allowed")
         return stops
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise _refuse("stream_options", "stream_options is only allowed when stream is true; send stream true "
+                          "or leave stream_options out")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _one_token_limit(self) -> ChatCompletionRequest:
