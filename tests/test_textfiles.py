@@ -191,3 +191,15 @@ def test_eval_and_report_with_a_line_separator_in_a_goal(tmp_path):
     assert again.exit_code == 0 and "corrupt" not in again.output, again.output
     report = runner.invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output
+
+
+def test_a_tail_torn_inside_a_character_or_without_its_newline_is_handled(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"goal": "😀" * 3, "i": i} for i in range(3)]
+    whole = jsonl_text(rows).encode("utf-8")
+    path.write_bytes(whole[:-5])  # cut inside the last emoji
+    assert read_rows(path) == (rows[:2], True)
+    path.write_bytes(whole[:-1])  # complete, but without the final newline
+    store = RowStore(path, ("i",))
+    store.append([{"goal": "x", "i": 9}])  # must not be glued onto the last row
+    assert read_rows(path) == ([*rows, {"goal": "x", "i": 9}], False)

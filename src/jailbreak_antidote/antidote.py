@@ -289,6 +289,8 @@ class Antidote:
     def load(cls, path: str | Path, model: nn.Module | None = None) -> Antidote:
         """Read a .antidote file; with `model`, also check that it belongs to that model."""
         path = Path(path)
+        if path.is_dir():
+            raise ArtifactError(f"{str(path)!r} is a directory; give the .antidote file written by `antidote fit`")
         if not path.is_file():
             raise ArtifactError(f"antidote file {str(path)!r} does not exist; create one with `antidote fit`")
         refit = "the file is corrupted or truncated; fit it again with `antidote fit`"

@@ -49,7 +49,8 @@ BackendOption = Annotated[
     ),
 ]
 SystemOption = Annotated[
-    str | None, typer.Option(help="System prompt (folded into the user turn for templates without one)")
+    str | None,
+    typer.Option(help="System prompt (folded into the user turn for templates without one) [default: none]"),
 ]
 
 
@@ -235,7 +236,11 @@ def inspect(
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="One prompt (or use --prompts FILE)")] = None,
     prompts: Annotated[
-        Path | None, typer.Option(help="Prompts file: .jsonl (prompt field), .csv (prompt or Goal column) or .txt")
+        Path | None,
+        typer.Option(
+            help="Prompts file instead of PROMPT: .json, .jsonl, .csv or .txt (one prompt per line); the "
+            "text field is prompt, instruction, goal/Goal, forbidden_prompt, Behavior or text"
+        ),
     ] = None,
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
@@ -245,7 +250,10 @@ def generate(
     ] = None,
     alpha: Annotated[
         list[float] | None,
-        typer.Option(help="Steering strength; repeat for a side-by-side comparison [default: suggested]"),
+        typer.Option(
+            help="Steering strength; repeat for a side-by-side comparison [default: the tuned alpha "
+            "(`antidote tune`), else the suggested one]"
+        ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer")] = 128,
     batch_size: Annotated[int, typer.Option(help="Rows per batch")] = 8,

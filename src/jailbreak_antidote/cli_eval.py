@@ -13,6 +13,7 @@ from rich.table import Table
 from . import bundled
 from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors, out
 from .errors import InvalidParameter
+from .eval.attacks import BUILTIN
 from .textfiles import write_text_atomic
 
 SWEEP_KS = [0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
@@ -22,16 +23,26 @@ GoalsOption = Annotated[
     Path, typer.Option(help="Harmful goals: JailbreakBench/HarmBench/AdvBench CSV or any prompt file")
 ]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable: rerun to continue)")]
-AntidoteOption = Annotated[Path | None, typer.Option("--antidote", "-a", help="A .antidote file")]
+AntidoteOption = Annotated[
+    Path | None,
+    typer.Option("--antidote", "-a", help="A .antidote file [default: none; needed by the antidote defenses]"),
+]
 AttacksOption = Annotated[
-    str, typer.Option(help="Comma-separated built-in attack names, 'all', or an attack file (.csv/.jsonl)")
+    str,
+    typer.Option(
+        help="Comma-separated built-in attack names, 'all', or an attack file (.csv/.jsonl); built-in: "
+        + ", ".join(BUILTIN)
+    ),
 ]
 LimitOption = Annotated[int | None, typer.Option(help="Only the first N goals (after --stride) [default: all]")]
 StrideOption = Annotated[int, typer.Option(help="Every S-th goal (a slice spread over all categories)")]
 TokensOption = Annotated[int, typer.Option(help="New tokens per answer")]
 BatchOption = Annotated[int, typer.Option(help="Rows per generation batch")]
 BenignOption = Annotated[
-    list[Path] | None, typer.Option(help="Benign prompt file(s) for compliance (repeatable) [default: built-in list]")
+    list[Path] | None,
+    typer.Option(
+        help="Benign prompt file(s) for compliance, repeatable; .json, .jsonl, .csv or .txt [default: built-in list]"
+    ),
 ]
 XSTestOption = Annotated[
     Path | None, typer.Option(help="XSTest prompts CSV: adds xstest-safe and xstest-unsafe sets [default: none]")
@@ -195,7 +206,9 @@ def eval_command(
             "probe: `antidote probe`)"
         ),
     ] = "none,antidote",
-    alpha: Annotated[list[float] | None, typer.Option(help="Antidote strength(s) [default: suggested]")] = None,
+    alpha: Annotated[
+        list[float] | None, typer.Option(help="Antidote strength(s) [default: the tuned alpha, else the suggested one]")
+    ] = None,
     k: Annotated[list[float] | None, typer.Option(help="Sparsity value(s) [default: the artifact's]")] = None,
     selector: Annotated[list[str] | None, typer.Option(help="top and/or random [default: top]")] = None,
     max_new_tokens: TokensOption = 64,
@@ -233,7 +246,9 @@ def sweep(
         list[float] | None,
         typer.Option(help="Alphas as multiples of the suggested alpha [default: 0 .25 .5 .75 1 1.5 2]"),
     ] = None,
-    alpha: Annotated[list[float] | None, typer.Option(help="Absolute alphas (instead of --factor)")] = None,
+    alpha: Annotated[
+        list[float] | None, typer.Option(help="Absolute alphas (instead of --factor) [default: none, --factor is used]")
+    ] = None,
     k: Annotated[list[float] | None, typer.Option(help="Sparsity grid [default: 0.01 0.025 0.05 0.1 0.25 1]")] = None,
     selector: Annotated[
         list[str] | None,
@@ -297,7 +312,9 @@ def judge_agreement(
         int, typer.Option(help="LLM rating (1-10) at or above which an answer counts as complying")
     ] = 5,
     limit: Annotated[int | None, typer.Option(help="Only the first N completions of each file [default: all]")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Also write judge_agreement.json here")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write judge_agreement.json here [default: print only]")
+    ] = None,
 ) -> None:
     """How often the judges agree with the human labels of XSTest completions (accuracy, recalls)."""
     from .eval.judges import agreement, is_refusal, llm_judge_ratings, read_labelled_completions

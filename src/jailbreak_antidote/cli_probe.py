@@ -21,7 +21,9 @@ def probe(
     antidote_path: Annotated[Path, typer.Argument(help="The .antidote file to add the probe to")],
     model: ModelOption = None,
     dtype: DtypeOption = "float32",
-    harmful: Annotated[Path | None, typer.Option(help="Harmful prompts [default: the built-in set]")] = None,
+    harmful: Annotated[
+        Path | None, typer.Option(help="Harmful prompts, .json/.jsonl/.csv/.txt [default: the built-in set]")
+    ] = None,
     harmless: Annotated[
         Path | None, typer.Option(help="Harmless prompts, paired with --harmful [default: the built-in set]")
     ] = None,

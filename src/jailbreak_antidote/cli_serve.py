@@ -87,7 +87,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(envvar="ANTIDOTE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*")
+        str | None,
+        typer.Option(
+            envvar="ANTIDOTE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* [default: no key, open]"
+        ),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch")] = 16,
     max_tokens: Annotated[

@@ -79,12 +79,17 @@ def generate_answers(
     show_progress: bool = False,
     mode: str = "fixed",
     threshold: float = 0.5,
+    too_long_fix: str = FIX_TOO_LONG,
 ) -> list[Answer]:
     """Answer each prompt (a user message or a list of chat messages).
 
     With an antidote, prompt i is steered at alphas[i] (or one alpha for all; default: the antidote's
-    suggested alpha). Rows of different alpha share batches. `mode` and `threshold`: see `Antidote.applied`;
-    with a harm probe in the antidote each answer carries its prompt's harm score."""
+    tuned, else suggested alpha). Rows of different alpha share batches. `mode` and `threshold`: see
+    `Antidote.applied`; with a harm probe in the antidote each answer carries its prompt's harm score.
+
+    Raises ContextLengthError before generating anything if a prompt plus max_new_tokens does not fit the
+    model's context (the message ends with `too_long_fix`), and InvalidParameter for token ids outside
+    the model's vocabulary or text no tokenizer can encode."""
     if max_new_tokens < 1:
         raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if getattr(model, "backend_name", "transformers") == "llamacpp":  # a LlamaCppModel: same contract
@@ -105,7 +110,7 @@ def generate_answers(
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
     names = prompt_names(prompts)
-    check_token_ids(model, prompt_token_ids(tokenizer, prompts, system), names, max_new_tokens, FIX_TOO_LONG)
+    check_token_ids(model, prompt_token_ids(tokenizer, prompts, system), names, max_new_tokens, too_long_fix)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # less padding per batch
     answers = [Answer("")] * len(prompts)
@@ -115,7 +120,7 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
-            check_batch(model, encoded, [names[i] for i in index], max_new_tokens, FIX_TOO_LONG)
+            check_batch(model, encoded, [names[i] for i in index], max_new_tokens, too_long_fix)
             torch.manual_seed(sampling.seed + start)
             kwargs = dict(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()

@@ -176,7 +176,9 @@ def llm_judge_ratings(
         ]
         for goal, response in zip(goals, responses)
     ]
-    answers = generate(judge_model, judge_tokenizer, prompts, max_new_tokens=10, batch_size=batch_size)
+    fix = "the rubric with this goal and answer is too long for the judge model; use a judge with a longer context"
+    answers = generate(judge_model, judge_tokenizer, prompts, max_new_tokens=10, batch_size=batch_size,
+                       too_long_fix=fix)  # fmt: skip
     return [parse_rating(answer) for answer in answers]
 
 

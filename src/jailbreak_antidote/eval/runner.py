@@ -225,7 +225,8 @@ class Evaluation:
                 for chat in runner.generation_chats(setting, prompt):
                     names.setdefault(json.dumps(chat), f"{where}, defense {setting.label()!r})")
         token_ids = prompt_token_ids(runner.tokenizer, [json.loads(key) for key in names])
-        fix = "leave such prompts out of the goals or attack file, or generate fewer new tokens (--max-new-tokens)"
+        fix = "leave such prompts out of their file (goals, attack or benign), or generate fewer new tokens "
+        fix += "(--max-new-tokens)"
         check_token_ids(runner.model, token_ids, list(names.values()), runner.max_new_tokens, fix)
 
     def run(self, out_dir: Path, config: RunConfig) -> None:
