@@ -303,45 +303,67 @@ def report_command(
 @app.command("judge-agreement")
 @friendly_errors
 def judge_agreement(
-    completions: Annotated[list[Path], typer.Argument(help="XSTest v2 completion CSVs with human labels")],
+    label_files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Files with human labels: XSTest v2 completion CSVs (prompt, completion, final_label: refusal "
+            "labels) and/or harm label CSVs (question, answer, label with 1 = harmful answer, as JailbreakEval's "
+            "JAILJUDGEmini.csv and Safe-RLHFmini.csv)"
+        ),
+    ],
     llm_judge: Annotated[
         str | None,
         typer.Option(help="Also rate with a local LLM judge (PAIR rubric; a bundled name or path) [default: none]"),
     ] = None,
     llm_threshold: Annotated[
-        int, typer.Option(help="LLM rating (1-10) at or above which an answer counts as complying")
+        int, typer.Option(help="LLM rating (1-10) at or above which an answer counts as complying (harmful)")
     ] = 5,
-    limit: Annotated[int | None, typer.Option(help="Only the first N completions of each file [default: all]")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N rows of each file [default: all]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of tables")] = False,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Also write judge_agreement.json here [default: print only]")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Also write judge_agreement.json and judge_agreement.png here [default: none]"
+        ),
     ] = None,
 ) -> None:
-    """How often the judges agree with the human labels of XSTest completions (accuracy, recalls)."""
-    from .eval.judges import agreement, is_refusal, llm_judge_ratings, read_labelled_completions
+    """How often the judges agree with human labels: refusal (accuracy, recall of each class) on XSTest
+    completions; harm (accuracy, Cohen's kappa, precision and recall of "harmful") on harm label files."""
+    from .eval.judge_agreement import agreement_rows, label_kind, plot_agreement
+    from .eval.judges import llm_judge_ratings
 
     _check_counts(limit=limit)
     if not 1 <= llm_threshold <= 10:
         raise InvalidParameter(f"--llm-threshold is a rating from 1 to 10, got {llm_threshold}")
-
-    judge = _load(llm_judge) if llm_judge else None
-    rows = []
-    for path in completions:
-        items = read_labelled_completions(path)[:limit]
-        human = [item.refused for item in items]
-        rows.append({"judge": "keyword", "file": path.name,
-                     **agreement([is_refusal(item.completion) for item in items], human)})  # fmt: skip
-        if judge is not None:
-            ratings = llm_judge_ratings(judge[0], judge[1], [i.prompt for i in items], [i.completion for i in items])
-            predicted = [r is None or r < llm_threshold for r in ratings]
-            rows.append({"judge": f"llm:{llm_judge} (<{llm_threshold} = refusal)", "file": path.name,
-                         **agreement(predicted, human)})  # fmt: skip
-    table = Table(title="Judge agreement with XSTest human labels")
-    for column in ("judge", "file", "n", "accuracy", "refusal recall", "compliance recall"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["judge"], row["file"], str(row["n"]), f"{row['accuracy']:.3f}",
-                      f"{row['refusal_recall']:.3f}", f"{row['compliance_recall']:.3f}")  # fmt: skip
-    out.print(table)
+    for path in label_files:
+        label_kind(path)  # every file readable and of a known layout before any model loads
+    llm = None
+    if llm_judge:
+        judge_model, judge_tokenizer = _load(llm_judge)
+        llm = (llm_judge, lambda goals, answers: llm_judge_ratings(judge_model, judge_tokenizer, goals, answers))
+    rows = agreement_rows(label_files, limit, llm, llm_threshold)
+    if as_json:
+        print(json.dumps({"rows": rows}, indent=2))
+    else:
+        _print_agreement(rows)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "judge_agreement.json", json.dumps({"rows": rows}, indent=2))
+        plot_agreement(rows, out_dir / "judge_agreement.png")
+
+
+def _print_agreement(rows: list[dict]) -> None:
+    tables = {
+        "refusal": ("Refusal judges against XSTest human labels", ("accuracy", "refusal_recall", "compliance_recall")),
+        "harm": ("Harm judges against human harm labels", ("accuracy", "kappa", "precision", "recall")),
+    }
+    for kind, (title, metrics) in tables.items():
+        chosen = [row for row in rows if row["labels"] == kind]
+        if not chosen:
+            continue
+        table = Table(title=title)
+        for column in ("judge", "file", "n", *(m.replace("_", " ") for m in metrics)):
+            table.add_column(column)
+        for row in chosen:
+            table.add_row(row["judge"], row["file"], str(row["n"]), *(f"{row[m]:.3f}" for m in metrics))
+        out.print(table)

@@ -177,6 +177,28 @@ def _fmt(row: dict[str, Any] | None) -> str:
     return f"{100 * row['value']:.1f} [{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}]"
 
 
+AGREEMENT_TABLES = {  # label kind -> (heading, metric columns); rows written before harm labels are refusal rows
+    "refusal": ("agreement with XSTest human refusal labels", ("accuracy", "refusal_recall", "compliance_recall")),
+    "harm": ("agreement with human harm labels", ("accuracy", "kappa", "precision", "recall")),
+}
+
+
+def _agreement_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's judge-agreement tables, one per kind of human label."""
+    lines: list[str] = []
+    for kind, (heading, metrics) in AGREEMENT_TABLES.items():
+        chosen = [row for row in rows if row.get("labels", "refusal") == kind]
+        if not chosen:
+            continue
+        lines += ["", f"## How far to trust the judges ({heading})", "",
+                  "| judge | file | n | " + " | ".join(m.replace("_", " ") for m in metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]  # fmt: skip
+        for row in chosen:
+            values = " | ".join(f"{row[m]:.3f}" for m in metrics)
+            lines.append(f"| {row['judge']} | {row['file']} | {row['n']} | {values} |")
+    return lines
+
+
 def write_report(
     out_dir: Path, summary: list[dict[str, Any]], judge_agreement: dict | None = None, combined: bool = False
 ) -> Path:
@@ -245,14 +267,7 @@ def write_report(
             nll_cell = f"{nll[key]['value']:.3f} ({base[key]['value']:.3f})"
             lines.append(f"| {setting_label(key)} | {kl[key]['value']:.4f} | {nll_cell} |")
     if judge_agreement:
-        lines += ["", "## How far to trust the judges (agreement with XSTest human labels)", "",
-                  "| judge | completions | n | accuracy | refusal recall | compliance recall |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for row in judge_agreement.get("rows", []):
-            lines.append(
-                f"| {row['judge']} | {row['file']} | {row['n']} | {row['accuracy']:.3f} | "
-                f"{row['refusal_recall']:.3f} | {row['compliance_recall']:.3f} |"
-            )
+        lines += _agreement_lines(judge_agreement.get("rows", []))
     probe = _lookup(summary, "probe_auroc")
     if probe:
         families = sorted({r["scope"] for r in summary if r["metric"] == "probe_auroc"})
