@@ -2,7 +2,8 @@
 
 Readers accept JSON (a list of strings or of objects), JSONL, CSV and plain text (one prompt per line).
 The text field is found by name: `prompt`, `instruction`, `goal`/`Goal` (JailbreakBench, AdvBench),
-`forbidden_prompt` (StrongREJECT), `Behavior` (HarmBench), or the one given as `field`.
+`forbidden_prompt` (StrongREJECT), `Behavior` (HarmBench), or the one given as `field`. Every prompt is
+returned exactly as the file holds it (see textfiles.py); blank entries are skipped in text and CSV files.
 """
 
 from __future__ import annotations
