@@ -67,7 +67,8 @@ def check_lengths(
         return
     first = too_long[0]
     need = f"{lengths[first]:,} tokens" + (f" + {new_tokens:,} new tokens" if new_tokens else "")
-    others = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
+    more = len(too_long) - 1
+    others = f" (and {more} more prompt{'s' if more > 1 else ''})" if more else ""
     raise ContextLengthError(
         f"{names[first]} is too long: {need} do not fit the model's context of {limit:,} positions{others}; {fix}"
     )
