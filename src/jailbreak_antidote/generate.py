@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .antidote import Antidote
-from .context import check_batch, check_token_ids, prompt_names
+from .context import check_token_ids, prompt_names
 from .errors import InvalidParameter
 from .models import Chat, encode_prompts, prompt_token_ids
 from .steer import check_alpha
@@ -120,7 +120,6 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             encoded = encode_prompts(tokenizer, [prompts[i] for i in index], system).to(device)
-            check_batch(model, encoded, [names[i] for i in index], max_new_tokens, too_long_fix)
             torch.manual_seed(sampling.seed + start)
             kwargs = dict(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()
