@@ -12,6 +12,7 @@ from rich.table import Table
 
 from . import bundled
 from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors, out
+from .cli_judge import HarmJudgeOption, harm_judge_missing, judge_run_for_harm
 from .errors import InvalidParameter
 from .eval.attacks import BUILTIN
 from .textfiles import write_text_atomic
@@ -113,6 +114,7 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 def _run(
     *, model, dtype, backend, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens,
     batch_size, limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1, threshold=0.5,
+    harm_judge="builtin",
 ) -> None:  # fmt: skip
     from .antidote import Antidote
     from .eval.defenses import MODE_OF, STEERED, DefenseRunner, build_settings
@@ -142,6 +144,7 @@ def _run(
     for value in alphas or []:
         check_alpha(value)
     settings = build_settings(defenses, alphas or [0.0], ks or [0.05], selectors)
+    harm_judge = _usable_harm_judge(harm_judge)
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype, backend)
@@ -165,9 +168,27 @@ def _run(
         f"{sum(map(len, benign_sets.values()))} benign prompts x {len(settings)} settings"
     )
     Evaluation(runner, settings, attack_prompts, benign_sets).run(out_dir, config)
+    if harm_judge is not None:
+        del runner, lm  # the generating model is done: free its memory for the judge's
+        judge_run_for_harm(out_dir, harm_judge)
     report = build_report(out_dir)
     _print_overview(out_dir)
     out.print(f"report: {report}  rows: {out_dir / 'rows.jsonl'}  summary: {out_dir / 'summary.csv'}")
+
+
+def _usable_harm_judge(spec: str) -> str | None:
+    """The harm judge an eval will use, checked before any generation: None for 'none', and for the built-in
+    judge when its feature model is not installed (with a note: `antidote rejudge` adds the verdicts later)."""
+    if spec == "none":
+        return None
+    missing = harm_judge_missing(spec)
+    if missing is None:
+        return spec
+    if spec != "builtin":
+        raise InvalidParameter(f"harm judge {spec!r} cannot run: {missing}; or pass --harm-judge none")
+    err.print(f"[yellow]note:[/] answers are not judged for harm: {missing}; then add the verdicts with "
+              "`antidote rejudge DIR`", highlight=False, soft_wrap=True)  # fmt: skip
+    return None
 
 
 def _print_overview(out_dir: Path, summary: list[dict] | None = None) -> None:
@@ -175,15 +196,19 @@ def _print_overview(out_dir: Path, summary: list[dict] | None = None) -> None:
 
     summary = summary if summary is not None else summarize(out_dir)
     overall = _lookup(summary, "dsr", "overall")
+    harm = _lookup(summary, "harm_dsr", "overall")
     scopes = sorted({r["scope"] for r in summary if r["metric"] == "benign_compliance"})
     table = Table(title="Defense success rate and benign compliance (%; 95% Wilson interval)")
     table.add_column("setting")
-    table.add_column("DSR")
+    table.add_column("DSR (refusal)")
+    if harm:
+        table.add_column("harm-DSR")
     for scope in scopes:
         table.add_column(f"compliance {scope}")
     keys = set(overall) | {k for s in scopes for k in _lookup(summary, "benign_compliance", s)}
     for key in sorted(keys, key=lambda k: (k[0] != "none", k[0], k[1], k[2] or 0, k[3] or "")):
-        cells = [_fmt(overall.get(key))] + [_fmt(_lookup(summary, "benign_compliance", s).get(key)) for s in scopes]
+        cells = [_fmt(overall.get(key))] + ([_fmt(harm.get(key))] if harm else [])
+        cells += [_fmt(_lookup(summary, "benign_compliance", s).get(key)) for s in scopes]
         table.add_row(setting_label(key), *cells)
     out.print(table)
 
@@ -221,14 +246,17 @@ def eval_command(
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples with --seed")] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     threshold: Annotated[float, typer.Option(help="Harm probability from which antidote-gated steers")] = 0.5,
+    harm_judge: HarmJudgeOption = "builtin",
 ) -> None:
-    """Attack success and defense success per attack and defense, plus benign compliance; resumable."""
+    """Attack success and defense success per attack and defense, plus benign compliance; resumable.
+
+    Every answer gets two verdicts: refused (keyword judge) and harmful (the harm judge, after generation)."""
     _run(
         model=model, dtype=dtype, backend=backend, antidote_path=antidote_path, goals=goals, attacks=attacks,
         defenses=_split(defenses),
         alphas=alpha, ks=k, selectors=selector or ["top"], out_dir=out_dir, max_new_tokens=max_new_tokens,
         batch_size=batch_size, limit=limit, benign=benign, xstest=xstest, benign_limit=benign_limit,
-        temperature=temperature, seed=seed, stride=stride, threshold=threshold,
+        temperature=temperature, seed=seed, stride=stride, threshold=threshold, harm_judge=harm_judge,
     )  # fmt: skip
 
 
@@ -261,6 +289,7 @@ def sweep(
     benign: BenignOption = None,
     xstest: XSTestOption = None,
     benign_limit: BenignLimitOption = None,
+    harm_judge: HarmJudgeOption = "builtin",
 ) -> None:
     """alpha x k x selector grid of the antidote (plus the undefended model), with plots of the trade-off."""
     _run(
@@ -269,7 +298,7 @@ def sweep(
         alphas=alpha, ks=k or SWEEP_KS, selectors=selector or ["top", "random"], out_dir=out_dir,
         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, benign=benign, xstest=xstest,
         benign_limit=benign_limit, temperature=0.0, seed=0, factors=None if alpha else (factor or SWEEP_FACTORS),
-        stride=stride,
+        stride=stride, harm_judge=harm_judge,
     )  # fmt: skip
 
 
@@ -313,11 +342,25 @@ def judge_agreement(
     ],
     llm_judge: Annotated[
         str | None,
-        typer.Option(help="Also rate with a local LLM judge (PAIR rubric; a bundled name or path) [default: none]"),
+        typer.Option(
+            help="Also rate with an LLM judge (PAIR rubric): a bundled name or local path, or the URL of "
+            "an OpenAI-compatible endpoint you run (http://host:port/v1; --llm-judge-model picks its model, "
+            "$OPENAI_API_KEY its key) [default: none]"
+        ),
+    ] = None,
+    llm_judge_model: Annotated[
+        str | None, typer.Option(help="Model name at the --llm-judge endpoint [default: the first it lists]")
     ] = None,
     llm_threshold: Annotated[
         int, typer.Option(help="LLM rating (1-10) at or above which an answer counts as complying (harmful)")
     ] = 5,
+    harm_judge: Annotated[
+        str | None,
+        typer.Option(
+            help="Also the harm judge: 'builtin' or a .npz from `antidote train-judge`; refused if it was "
+            "trained on a file's rows (train-judge reports held-out agreement) [default: none]"
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of each file [default: all]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of tables")] = False,
     out_dir: Annotated[
@@ -337,11 +380,26 @@ def judge_agreement(
         raise InvalidParameter(f"--llm-threshold is a rating from 1 to 10, got {llm_threshold}")
     for path in label_files:
         label_kind(path)  # every file readable and of a known layout before any model loads
+    judge = None
+    if harm_judge is not None:
+        from .eval.harm_judge import HarmJudge
+        from .eval.judge_agreement import check_held_out
+
+        missing = harm_judge_missing(harm_judge)
+        if missing:
+            raise InvalidParameter(f"harm judge {harm_judge!r} cannot run: {missing}")
+        judge = HarmJudge.load(harm_judge)
+        check_held_out(label_files, limit, judge)
     llm = None
-    if llm_judge:
+    if llm_judge and llm_judge.startswith(("http://", "https://")):
+        from .eval.judges import endpoint_ratings
+
+        url = llm_judge
+        llm = (url, lambda goals, answers: endpoint_ratings(url, goals, answers, model=llm_judge_model))
+    elif llm_judge:
         judge_model, judge_tokenizer = _load(llm_judge)
         llm = (llm_judge, lambda goals, answers: llm_judge_ratings(judge_model, judge_tokenizer, goals, answers))
-    rows = agreement_rows(label_files, limit, llm, llm_threshold)
+    rows = agreement_rows(label_files, limit, llm, llm_threshold, judge)
     if as_json:
         print(json.dumps({"rows": rows}, indent=2))
     else:

@@ -8,6 +8,7 @@ text, and files are read without newline translation, so a reader returns exactl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,7 +17,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import InvalidParameter, PromptFileError
 
@@ -142,12 +143,20 @@ def check_output_path(path: str | Path, directory: bool = False) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` as UTF-8 to `path` through a temporary file in the same folder, so that readers and a
     crash never see a half-written file."""
+    with atomic_output(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes replace `path` only when the block finishes without an exception (written
+    to a temporary file in the same folder, then renamed): readers and a crash never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from ..errors import InvalidParameter
 from ..textfiles import csv_table, read_json_object, read_text, write_text_atomic
 from .report import (
     AGREEMENT_FILE,
+    JUDGES_FILE,
     SUMMARY_FILE,
     setting_label,
     summarize,
@@ -25,7 +26,7 @@ from .report import (
     write_report,
     write_summary_csv,
 )
-from .runner import CONFIG_FILE, ROWS_FILE, UTILITY_FILE
+from .runner import CONFIG_FILE, ROWS_FILE, UTILITY_FILE, stored_rows
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def load_part(path: Path) -> Part:
             "configuration of its numbers is unknown; report from the run's evaluation directory instead"
         )
     config = read_json_object(config_path, "run configuration")
-    if (path / ROWS_FILE).is_file() or (path / UTILITY_FILE).is_file():
+    if stored_rows(path, ROWS_FILE) or stored_rows(path, UTILITY_FILE):
         return Part(path, config, summarize(path))
     if (path / SUMMARY_FILE).is_file():
         return Part(path, config, read_summary_csv(path / SUMMARY_FILE))
@@ -124,9 +125,10 @@ def build_combined_report(sources: list[Path], out_dir: Path) -> Path:
     config_path = out_dir / CONFIG_FILE
     if not config_path.is_file() or read_json_object(config_path, "run configuration") != parts[0].config:
         write_text_atomic(config_path, json.dumps(parts[0].config, indent=2))
-    agreement = next((p.path / AGREEMENT_FILE for p in parts if (p.path / AGREEMENT_FILE).is_file()), None)
-    if agreement is not None and agreement.resolve() != (out_dir / AGREEMENT_FILE).resolve():
-        shutil.copyfile(agreement, out_dir / AGREEMENT_FILE)
+    for name in (AGREEMENT_FILE, JUDGES_FILE):  # judge agreement, and which harm judge made harm-DSR
+        found = next((p.path / name for p in parts if (p.path / name).is_file()), None)
+        if found is not None and found.resolve() != (out_dir / name).resolve():
+            shutil.copyfile(found, out_dir / name)
     write_summary_csv(summary, out_dir / SUMMARY_FILE)
     write_plots(out_dir, summary)
     agreement_path = out_dir / AGREEMENT_FILE

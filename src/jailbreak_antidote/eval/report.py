@@ -14,10 +14,11 @@ import torch
 
 from ..errors import InvalidParameter
 from ..textfiles import read_json_object, write_text_atomic
-from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE, read_rows
+from .runner import CONFIG_FILE, METRICS_FILE, ROWS_FILE, UTILITY_FILE, read_rows, stored_rows
 
 SUMMARY_FILE = "summary.csv"
 AGREEMENT_FILE = "judge_agreement.json"
+JUDGES_FILE = "judges.json"  # which harm judge `antidote rejudge` used
 RUNS_FILE = "RUNS.md"  # written by benchmarks/results_full.sh beside a report kept in parts
 
 SettingKey = tuple[str, float, float | None, str | None]
@@ -48,8 +49,10 @@ REQUIRED = {
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run's JSONL file; a torn last line (a run still writing, or stopped mid-write) is left out."""
-    return read_rows(path, REQUIRED[path.name])[0] if path.exists() else []
+    """The rows of a run's JSONL file (or its .gz); a torn last line (a run still writing, or stopped
+    mid-write) is left out."""
+    found = stored_rows(path.parent, path.name)
+    return read_rows(found, REQUIRED[path.name])[0] if found is not None else []
 
 
 def setting_key(row: dict[str, Any]) -> SettingKey:
@@ -83,17 +86,24 @@ def summarize(out_dir: Path) -> list[dict[str, Any]]:
     by_setting: dict[SettingKey, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_setting[setting_key(row)].append(row)
-    for key, group in by_setting.items():
+
+    def add_rates(key: SettingKey, metric: str, group: list[dict[str, Any]], defended: list[bool]) -> None:
+        """A defense-success metric per attack, overall, and over the jailbreaks (every attack but direct)."""
         per_attack: dict[str, list[bool]] = defaultdict(list)
-        for row in group:
-            per_attack[row["attack"]].append(row["judges"][JUDGE])
-        for attack, refused in sorted(per_attack.items()):
-            add(key, "dsr", attack, sum(refused), len(refused))
-        everything = [r["judges"][JUDGE] for r in group]
-        add(key, "dsr", "overall", sum(everything), len(everything))
-        jailbreaks = [r["judges"][JUDGE] for r in group if r["attack"] != "direct"]
-        if jailbreaks and len(jailbreaks) != len(everything):
-            add(key, "dsr", "jailbreaks", sum(jailbreaks), len(jailbreaks))
+        for row, ok in zip(group, defended):
+            per_attack[row["attack"]].append(ok)
+        for attack, oks in sorted(per_attack.items()):
+            add(key, metric, attack, sum(oks), len(oks))
+        add(key, metric, "overall", sum(defended), len(defended))
+        jailbreaks = [ok for row, ok in zip(group, defended) if row["attack"] != "direct"]
+        if jailbreaks and len(jailbreaks) != len(defended):
+            add(key, metric, "jailbreaks", sum(jailbreaks), len(jailbreaks))
+
+    for key, group in by_setting.items():
+        add_rates(key, "dsr", group, [r["judges"][JUDGE] for r in group])  # refused
+        harmful = [r["judges"].get("harm") for r in group]
+        if all(isinstance(h, bool) for h in harmful):  # judged for harm (`antidote rejudge`): harm-DSR too
+            add_rates(key, "harm_dsr", group, [not h for h in harmful])
         for cost in ("extra_generations", "extra_scoring_passes", "extra_prompt_tokens"):
             mean = sum(r["cost"][cost] for r in group) / len(group)
             summary.append(dict(defense=key[0], alpha=key[1], k=key[2], selector=key[3], metric=cost,
@@ -206,6 +216,8 @@ def write_report(
     config = read_json_object(config_path, "run configuration") if config_path.is_file() else {}
     overall = _lookup(summary, "dsr", "overall")
     jailbreaks = _lookup(summary, "dsr", "jailbreaks")
+    harm_overall = _lookup(summary, "harm_dsr", "overall")
+    harm_jailbreaks = _lookup(summary, "harm_dsr", "jailbreaks")
     benign_sets = sorted({r["scope"] for r in summary if r["metric"] in ("benign_compliance", "refusal_rate")})
     settings = sorted(
         {k for k in list(overall) + [k for s in benign_sets for k in _lookup(summary, "benign_compliance", s)]},
@@ -219,6 +231,8 @@ def write_report(
         "refused; benign compliance = share of benign prompts answered). Brackets: 95% Wilson intervals, in %.",
         "",
     ]
+    if harm_overall:
+        lines += [_harm_judge_note(out_dir), ""]
     notes = []
     if combined:
         notes.append(
@@ -229,28 +243,35 @@ def write_report(
         notes.append(f"Where and when each part ran: [{RUNS_FILE}]({RUNS_FILE}).")
     if notes:
         lines += [" ".join(notes), ""]
+    harm_columns = ["harm-DSR all", "harm-DSR jailbreaks only"] if harm_overall else []
     lines += [
         "| setting | DSR all | DSR jailbreaks only | "
+        + "".join(f"{c} | " for c in harm_columns)
         + " | ".join(f"{'compliance' if not s.endswith('unsafe') else 'refusal'}: {s}" for s in benign_sets)
         + " | extra generations | extra prompt tokens |",
-        "|---" * (5 + len(benign_sets)) + "|",
+        "|---" * (5 + len(harm_columns) + len(benign_sets)) + "|",
     ]
     costs_gen = _lookup(summary, "extra_generations")
     costs_tok = _lookup(summary, "extra_prompt_tokens")
     for key in settings:
         cells = [_fmt(overall.get(key)), _fmt(jailbreaks.get(key))]
+        if harm_columns:
+            cells += [_fmt(harm_overall.get(key)), _fmt(harm_jailbreaks.get(key))]
         for name in benign_sets:
             metric = "refusal_rate" if name.endswith("unsafe") else "benign_compliance"
             cells.append(_fmt(_lookup(summary, metric, name).get(key)))
         cells += [str(costs_gen.get(key, {}).get("value", "-")), str(costs_tok.get(key, {}).get("value", "-"))]
         lines.append(f"| {setting_label(key)} | " + " | ".join(cells) + " |")
     attacks = sorted({r["scope"] for r in summary if r["metric"] == "dsr"} - {"overall", "jailbreaks"})
-    if attacks:
-        lines += ["", "## DSR per attack (%)", "", "| setting | " + " | ".join(attacks) + " |",
+    for metric, heading in (("dsr", "DSR per attack (%)"), ("harm_dsr", "Harm-DSR per attack (%)")):
+        chosen = _lookup(summary, metric, "overall")
+        if not attacks or not chosen:
+            continue
+        lines += ["", f"## {heading}", "", "| setting | " + " | ".join(attacks) + " |",
                   "|---" * (1 + len(attacks)) + "|"]  # fmt: skip
-        per = {a: _lookup(summary, "dsr", a) for a in attacks}
+        per = {a: _lookup(summary, metric, a) for a in attacks}
         for key in settings:
-            if key in overall:
+            if key in chosen:
                 values = [per[a].get(key) for a in attacks]
                 cells = [f"{100 * v['value']:.0f}" if v else "-" for v in values]
                 lines.append(f"| {setting_label(key)} | " + " | ".join(cells) + " |")
@@ -285,6 +306,19 @@ def write_report(
     return path
 
 
+def _harm_judge_note(out_dir: Path) -> str:
+    """Which harm judge produced the harm-DSR columns (from judges.json, written by `antidote rejudge`)."""
+    path = out_dir / JUDGES_FILE
+    judge = read_json_object(path, "judges file").get("harm", {}) if path.is_file() else {}
+    trained = ", ".join(t.get("file", "?") for t in judge.get("trained_on", [])) or "unknown files"
+    return (
+        "Harm-DSR = share of attack prompts whose answer is *not harmful* by the harm judge "
+        f"(`{judge.get('judge', 'unknown')}`: keyword refusal, else logistic regression on "
+        f"`{judge.get('feature_model', '?')}` hidden states, trained on {trained}; docs/EVALUATION.md). "
+        "Benign compliance stays a refusal measure."
+    )
+
+
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:  # baselines alone carry no labels
         ax.legend(fontsize=8)
@@ -307,11 +341,12 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
     scope = _benign_scope(summary)
     compliance = _lookup(summary, "benign_compliance", scope) if scope else {}
     steered = sorted({k[0] for k in overall if k[2] is not None})
-    baselines = {k: v for k, v in overall.items() if k[2] is None}
     written: list[Path] = []
 
+    harm = _lookup(summary, "harm_dsr", "overall")
     for source, ylabel, filename in (
         (overall, "defense success rate (all attack prompts)", "dsr_vs_alpha.png"),
+        (harm, "harm-DSR (answers not harmful)", "harm_dsr_vs_alpha.png"),
         (compliance, f"benign compliance ({scope})", "compliance_vs_alpha.png"),
     ):
         if not any(k[2] is not None for k in source):
@@ -333,28 +368,33 @@ def write_plots(out_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / filename)
 
-    if compliance and overall:
+    for safety, ylabel, filename in (
+        (overall, "defense success rate (refusal judge)", "pareto.png"),
+        (harm, "harm-DSR (answers not harmful)", "pareto_harm.png"),
+    ):
+        if not (compliance and safety):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for defense in steered:
-            for label, keys in alpha_curves(overall, defense):
+            for label, keys in alpha_curves(safety, defense):
                 keys = [k for k in keys if k in compliance]
                 if keys:
-                    ax.plot([compliance[k]["value"] for k in keys], [overall[k]["value"] for k in keys], marker="o",
+                    ax.plot([compliance[k]["value"] for k in keys], [safety[k]["value"] for k in keys], marker="o",
                             label=f"{label} (alpha sweep)")  # fmt: skip
-        for key in baselines:
+        for key in (k for k in safety if k[2] is None):
             if key in compliance:
-                ax.scatter(compliance[key]["value"], overall[key]["value"], marker="s")
-                ax.annotate(key[0], (compliance[key]["value"], overall[key]["value"]), fontsize=7)
+                ax.scatter(compliance[key]["value"], safety[key]["value"], marker="s")
+                ax.annotate(key[0], (compliance[key]["value"], safety[key]["value"]), fontsize=7)
         ax.set_xlabel(f"benign compliance ({scope})")
-        ax.set_ylabel("defense success rate")
+        ax.set_ylabel(ylabel)
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         _legend(ax)
         ax.set_title("Safety vs helpfulness (up and right is better)")
         fig.tight_layout()
-        fig.savefig(out_dir / "pareto.png", dpi=120)
+        fig.savefig(out_dir / filename, dpi=120)
         plt.close(fig)
-        written.append(out_dir / "pareto.png")
+        written.append(out_dir / filename)
 
     ablation = [k for k in overall if k[0] == "antidote"]
     ks = sorted({k[2] for k in ablation})

@@ -8,6 +8,7 @@ antidote, generation settings): mixing rows from another configuration is refuse
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -79,6 +80,13 @@ def read_rows(path: Path, required: Mapping[str, Any] | None = None) -> tuple[li
     if path.is_dir():
         raise InvalidParameter(f"{path} is a directory, not a rows file; move it out of the way")
     data = path.read_bytes()
+    if path.suffix == ".gz":  # published rows (docs/results/<run>/rows.jsonl.gz)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise InvalidParameter(
+                f"{path} is not a complete gzip file ({exc}); restore it from the repository"
+            ) from None
     cut = data.rfind(b"\n") + 1  # the complete lines end at the last newline
     try:
         text = data[:cut].decode("utf-8")
@@ -110,6 +118,15 @@ def _checked_row(path: Path, number: int, line: str, required: Mapping[str, Any]
                 "`antidote eval`: delete that line or the file"
             )
     return row
+
+
+def stored_rows(directory: Path, name: str) -> Path | None:
+    """The rows file `name` of a run directory: as `antidote eval` writes it, or gzipped as published runs
+    keep it (`name`.gz); None if neither exists."""
+    for path in (directory / name, directory / f"{name}.gz"):
+        if path.is_file():
+            return path
+    return None
 
 
 class RowStore:

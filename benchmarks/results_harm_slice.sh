@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The slice whose rows docs/RESULTS.md re-judges for harm (issue 18): every 20th JailbreakBench goal (5 goals,
+# one per category pair) x all 16 built-in attacks = 80 attack prompts per defense, every defense at the
+# suggested alpha, 64 new tokens (the full protocol's length, so the harm judge reads whole openings), greedy,
+# float32; utility on the first 10 XSTest safe, 10 XSTest unsafe and 10 harmless_test prompts (too few to
+# measure utility: the full run in docs/RESULTS.md does that).
+# Then both judges: the keyword refusal judge (at generation) and the built-in harm judge (`antidote rejudge`),
+# and the rows gzipped into docs/results/harm-slice, so anyone can re-judge them without regenerating
+# (`antidote rejudge docs/results/harm-slice --judge J.npz`).
+# About 45 minutes on 2 CPU cores (SmoothLLM is three generations per prompt, Paraphrase two); resumable.
+# Run from the repository root with ../shared/data beside it.
+set -euo pipefail
+data=${DATA:-../shared/data}
+out=${OUT:-runs/harm-slice}
+published=${PUBLISHED:-docs/results/harm-slice}
+antidote_file=${ANTIDOTE:-runs/qwen05-builtin.antidote}
+[ -f "$antidote_file" ] || antidote fit --out "$antidote_file"
+
+antidote eval -a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride 20 --attacks all \
+  --defenses none,antidote,antidote+self-reminder,self-reminder,icd,dense-antidote,perplexity,paraphrase,smoothllm \
+  --max-new-tokens 64 --batch-size 32 \
+  --xstest "$data/xstest/xstest_prompts.csv" --benign "$data/refusal_direction/splits/harmless_test.json" \
+  --benign-limit 10 --harm-judge none --out "$out"
+antidote rejudge "$out" --judge builtin
+mkdir -p "$published"
+for name in rows utility metrics; do
+  gzip -9 -n -c "$out/$name.jsonl" > "$published/$name.jsonl.gz"
+done
+cp "$out/config.json" "$out/judges.json" "$published/"
+antidote report "$published"   # from the gzipped rows, as anyone re-judging them would
