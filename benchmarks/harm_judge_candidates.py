@@ -68,6 +68,10 @@ def main() -> None:
     inputs = {"tfidf": (text_array, tfidf_model), "hidden": (features, hidden_model),
               "hidden+gate": (features, hidden_model)}  # fmt: skip
 
+    for i, name in enumerate(names):  # what each set calls harmful
+        mine = src == i
+        print(f"{name}: {y[mine].mean():.1%} labelled harmful; {gate[mine].mean():.1%} keyword refusals, "
+              f"{y[mine & gate].mean():.1%} of them labelled harmful")  # fmt: skip
     print(f"| judge | {' | '.join(f'{n} 5-fold' for n in names)} | {' | '.join(f'{n} transfer' for n in names)} |")
     print("|---" * (1 + 2 * len(names)) + "|")
     keyword = (~gate).astype(int)

@@ -70,18 +70,26 @@ def workspace(tmp_path_factory):
     return root, model, judge, json.loads(result.stdout[result.stdout.index("{") :])["rows"]
 
 
-def test_features_stop_at_the_deepest_layer_and_equal_the_full_forward(qwen2, tokenizer):
+@pytest.mark.parametrize("pool", ["all", "answer"])
+def test_features_stop_at_the_deepest_layer_and_equal_the_full_forward(tokenizer, pool):
+    # A model of its own: output_hidden_states makes transformers keep recording hooks on the blocks, which
+    # the shared fixture's hook tests (test_steer.py) would see.
+    qwen2 = build_model("qwen2")
     questions, answers = ["How do I make a bomb?", "Hi"], ["Sure, mix the following.", "Hello there, friend!"]
-    features = answer_features(qwen2, tokenizer, questions, answers, [2, 4], max_tokens=64)
+    features = answer_features(qwen2, tokenizer, questions, answers, [2, 4], max_tokens=64, pool=pool)
     assert features.shape == (2, 2 * 64)
     for row, (q, a) in enumerate(zip(questions, answers)):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
         )
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded.pop("offset_mapping")[0]
         with torch.no_grad():
             states = qwen2(**encoded, output_hidden_states=True).hidden_states
-        expected = torch.cat([states[2].mean(1), states[4].mean(1)], -1)[0].numpy()
+        # "answer": the tokens from the answer's first character on (the end-of-turn marker included).
+        keep = offsets[:, 0] >= text.rindex(a) if pool == "answer" else torch.ones(len(offsets), dtype=torch.bool)
+        assert 0 < keep.sum() < len(keep) or pool == "all"
+        expected = torch.cat([states[2][0, keep].mean(0), states[4][0, keep].mean(0)], -1).numpy()
         np.testing.assert_allclose(features[row], expected, atol=1e-5)  # batched with padding, same numbers
 
 

@@ -70,6 +70,13 @@ def train_judge(
         ),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens kept of each question and of each answer")] = 192,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Average the hidden states of every token ('all', the built-in judge's) or of the answer's "
+            "tokens only ('answer')"
+        ),
+    ] = "all",
     folds: Annotated[int, typer.Option(help="Folds of the cross-validation that measures the judge")] = 5,
     c: Annotated[float, typer.Option("--c", help="Inverse L2 strength of the logistic regression")] = 0.01,
     as_json: Annotated[bool, typer.Option("--json", help="Print the held-out agreement rows as JSON")] = False,
@@ -78,7 +85,7 @@ def train_judge(
     pooled, and (given two files or more) trained on the other files only (transfer), beside the keyword judge.
     Hidden states are cached (harm-features/ in the cache directory), so a rerun with other --folds or --c is fast.
     """
-    from .eval.harm_judge import cached_features, default_layers
+    from .eval.harm_judge import POOLS, cached_features, default_layers
     from .eval.harm_labels import read_harm_labels
     from .eval.harm_training import LabelledSet, check_disjoint, check_trainable, final_classifier, held_out_rows
     from .eval.judge_agreement import label_kind
@@ -89,6 +96,8 @@ def train_judge(
         raise InvalidParameter(f"--max-tokens must be at least 8, got {max_tokens}")
     if not c > 0:
         raise InvalidParameter(f"--c must be positive, got {c}")
+    if pool not in POOLS:
+        raise InvalidParameter(f"--pool {pool!r}: choose {' or '.join(POOLS)}")
     if out_path.suffix != ".npz":
         raise InvalidParameter(f"--out {str(out_path)!r}: a harm judge file ends in .npz")
     names = [path.name for path in label_files]
@@ -108,7 +117,7 @@ def train_judge(
     with progress_bar() as progress:
         for name, rows in labelled:
             features = cached_features(model, tokenizer, feature_model, [r.question for r in rows],
-                                       [r.answer for r in rows], chosen, max_tokens, progress)  # fmt: skip
+                                       [r.answer for r in rows], chosen, max_tokens, pool, progress)  # fmt: skip
             sets.append(LabelledSet(name, rows, features))
     rows = held_out_rows(sets, "harm judge", folds=folds, c=c)
     if as_json:
@@ -117,7 +126,9 @@ def train_judge(
         from .cli_eval import _print_agreement
 
         _print_agreement(rows)
-    classifier = final_classifier(sets, feature_model=feature_model, layers=chosen, max_tokens=max_tokens, c=c)
+    classifier = final_classifier(
+        sets, feature_model=feature_model, layers=chosen, max_tokens=max_tokens, pool=pool, c=c
+    )
     classifier.save(out_path)
     rows_trained = sum(len(s.rows) for s in sets)
     err.print(f"saved {out_path}: layers {list(chosen)} of {feature_model}, {rows_trained} rows", highlight=False)

@@ -112,12 +112,13 @@ def _blank() -> dict[str, Any]:
 
 
 def final_classifier(
-    sets: Sequence[LabelledSet], *, feature_model: str, layers: Sequence[int], max_tokens: int, c: float = 0.01
-) -> HarmClassifier:
+    sets: Sequence[LabelledSet], *, feature_model: str, layers: Sequence[int], max_tokens: int, pool: str,
+    c: float = 0.01,
+) -> HarmClassifier:  # fmt: skip
     """The classifier fitted on every row of every file, remembering which rows it saw."""
     features = np.concatenate([s.features for s in sets])
     labels = np.concatenate([s.labels for s in sets])
     trained_on = [{"file": s.name, "rows": len(s.rows), "harmful": int(s.labels.sum())} for s in sets]
     seen = frozenset(fingerprint(r.question, r.answer) for s in sets for r in s.rows)
     return HarmClassifier.fit(features, labels, c=c, feature_model=feature_model, layers=tuple(layers),
-                              max_tokens=max_tokens, trained_on=trained_on, fingerprints=seen)  # fmt: skip
+                              max_tokens=max_tokens, pool=pool, trained_on=trained_on, fingerprints=seen)  # fmt: skip
