@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
-from jailbreak_antidote.eval.harm_judge import FEATURE_MODEL, MAX_TOKENS, cached_features, default_layers
+from jailbreak_antidote.eval.harm_judge import FEATURE_MODEL, MAX_TOKENS, cached_features, default_layers, fingerprint
 from jailbreak_antidote.eval.harm_labels import read_harm_labels
 from jailbreak_antidote.eval.judges import is_refusal
 from jailbreak_antidote.models import load_model
@@ -52,11 +52,12 @@ def main() -> None:
     print(machine())
     model, tokenizer = load_model(FEATURE_MODEL)
     layers = default_layers(model.config.num_hidden_layers)
-    names, texts, hidden, labels, refused, source = [], [], [], [], [], []
+    names, texts, hidden, labels, refused, source, groups = [], [], [], [], [], [], []
     for index, path in enumerate(args.labels):
         rows = read_harm_labels(path)
         names.append(path.name)
         texts += [f"{r.question}\n{r.answer}" for r in rows]
+        groups += [fingerprint(r.question, r.answer) for r in rows]  # copies of a row stay in one fold
         hidden.append(cached_features(model, tokenizer, FEATURE_MODEL, [r.question for r in rows],
                                       [r.answer for r in rows], layers, MAX_TOKENS))  # fmt: skip
         labels += [int(r.harmful) for r in rows]
@@ -70,8 +71,11 @@ def main() -> None:
 
     for i, name in enumerate(names):  # what each set calls harmful
         mine = src == i
-        print(f"{name}: {y[mine].mean():.1%} labelled harmful; {gate[mine].mean():.1%} keyword refusals, "
-              f"{y[mine & gate].mean():.1%} of them labelled harmful")  # fmt: skip
+        distinct = len(set(np.array(groups)[mine]))
+        print(
+            f"{name}: {mine.sum()} rows, {distinct} distinct; {y[mine].mean():.1%} labelled harmful; "
+            f"{gate[mine].mean():.1%} keyword refusals, {y[mine & gate].mean():.1%} of them labelled harmful"
+        )
     print(f"| judge | {' | '.join(f'{n} 5-fold' for n in names)} | {' | '.join(f'{n} transfer' for n in names)} |")
     print("|---" * (1 + 2 * len(names)) + "|")
     keyword = (~gate).astype(int)
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"| keyword | {' | '.join(cells)} |")
     for name, (x, build) in inputs.items():
         predicted = np.zeros(len(y), dtype=int)
-        for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, src * 2 + y):
+        for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(x, src * 2 + y, groups):
             predicted[test] = build().fit(x[train], y[train]).predict(x[test])
         transfer = np.zeros(len(y), dtype=int)
         for i in range(len(names)):

@@ -311,3 +311,35 @@ def test_llm_judge_at_an_openai_compatible_endpoint(tmp_path, tokenizer):
         assert wrong.exit_code == 2 and "judge endpoint" in wrong.output
     finally:
         server.stop()
+
+
+def test_review_findings_are_one_line_errors(tmp_path, workspace):
+    from jailbreak_antidote.eval.rejudge import rejudge
+    from jailbreak_antidote.eval.runner import read_rows
+
+    _root, _model, judge_path, _rows = workspace
+    # A damaged deflate body (zlib.error, not OSError) in published rows.
+    good = gzip.compress(b'{"a": 1}\n' * 50)
+    (tmp_path / "rows.jsonl.gz").write_bytes(good[:20] + bytes([good[20] ^ 0xFF]) + good[21:])
+    with pytest.raises(InvalidParameter, match="not a complete gzip file"):
+        read_rows(tmp_path / "rows.jsonl.gz")
+    # A .npy, or an .npz whose meta is not an object, given as a judge.
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    np.savez(tmp_path / "m.npz", meta=np.array("[1, 2]"))
+    for bad in ("x.npy", "m.npz"):
+        with pytest.raises(ArtifactError, match="not a harm judge file"):
+            HarmClassifier.load(tmp_path / bad)
+    # Rows whose judges field is not an object are named before anything is judged or written.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "rows.jsonl").write_text('{"goal": "g", "response": "r", "judges": null}\n')
+    with pytest.raises(InvalidParameter, match="no valid 'judges'"):
+        rejudge(tmp_path / "run", HarmJudge.load(str(judge_path)))
+
+
+def test_a_retrained_judge_is_not_taken_for_the_old_one(workspace):
+    _root, _model, judge_path, _rows = workspace
+    old = HarmJudge.load(str(judge_path))
+    retrained = HarmJudge.load(str(judge_path))
+    retrained.classifier.coef = retrained.classifier.coef * 2  # same name, file and settings; other weights
+    assert old.describe() != retrained.describe()
+    assert old.describe() == HarmJudge.load(str(judge_path)).describe()

@@ -9,7 +9,6 @@ there (a rerun of a setting is then a reproducibility check, not a silent choice
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,10 +124,17 @@ def build_combined_report(sources: list[Path], out_dir: Path) -> Path:
     config_path = out_dir / CONFIG_FILE
     if not config_path.is_file() or read_json_object(config_path, "run configuration") != parts[0].config:
         write_text_atomic(config_path, json.dumps(parts[0].config, indent=2))
+    harm_judges = {json.dumps(read_json_object(p.path / JUDGES_FILE, "judges file").get("harm"), sort_keys=True)
+                   for p in parts if (p.path / JUDGES_FILE).is_file()}  # fmt: skip
+    if len(harm_judges) > 1:
+        raise InvalidParameter(
+            "the parts were judged for harm by different judges (their judges.json differ); re-judge them with one "
+            "judge (`antidote rejudge DIR --judge ...`) before combining"
+        )
     for name in (AGREEMENT_FILE, JUDGES_FILE):  # judge agreement, and which harm judge made harm-DSR
         found = next((p.path / name for p in parts if (p.path / name).is_file()), None)
         if found is not None and found.resolve() != (out_dir / name).resolve():
-            shutil.copyfile(found, out_dir / name)
+            write_text_atomic(out_dir / name, read_text(found, name))
     write_summary_csv(summary, out_dir / SUMMARY_FILE)
     write_plots(out_dir, summary)
     agreement_path = out_dir / AGREEMENT_FILE

@@ -236,26 +236,33 @@ class HarmClassifier:
 
     @classmethod
     def load(cls, path: Path) -> HarmClassifier:
+        """Raises ArtifactError (one line) for a missing file or anything not written by `save`."""
+        if not path.is_file():
+            raise ArtifactError(f"harm judge file {str(path)!r} does not exist; train one with `antidote train-judge`")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {name: data[name] for name in ("mean", "scale", "coef", "fingerprints")}
-        except FileNotFoundError:
-            raise ArtifactError(
-                f"harm judge file {str(path)!r} does not exist; train one with `antidote train-judge`"
-            ) from None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+                if meta.get("format") != FORMAT_VERSION:
+                    raise ArtifactError(
+                        f"{path}: harm judge format {meta.get('format')!r}, this version reads {FORMAT_VERSION}"
+                    )
+                return cls(meta["feature_model"], tuple(meta["layers"]), meta["max_tokens"], data["mean"],
+                           data["scale"], data["coef"], meta["intercept"], meta["pool"], meta["threshold"],
+                           meta["trained_on"], frozenset(str(f) for f in data["fingerprints"]))  # fmt: skip
+        except ArtifactError:
+            raise
+        except Exception as exc:  # not an .npz, not our keys, meta not an object: all the same to the user
             raise ArtifactError(
                 f"{path} is not a harm judge file ({type(exc).__name__}); give a file written by "
                 "`antidote train-judge`, or 'builtin'"
             ) from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{path}: harm judge format {meta.get('format')!r}, this version reads {FORMAT_VERSION}"
-            )
-        return cls(meta["feature_model"], tuple(meta["layers"]), meta["max_tokens"], arrays["mean"], arrays["scale"],
-                   arrays["coef"], meta["intercept"], meta["pool"], meta["threshold"], meta["trained_on"],
-                   frozenset(str(f) for f in arrays["fingerprints"]))  # fmt: skip
+
+    def digest(self) -> str:
+        """A short digest of the weights: a retrained judge differs even under the same name and settings."""
+        weights = b"".join(
+            np.ascontiguousarray(a, dtype=np.float32).tobytes() for a in (self.mean, self.scale, self.coef)
+        )
+        return hashlib.sha256(weights + repr(self.intercept).encode()).hexdigest()[:16]
 
 
 def classifier_path(spec: str | None) -> Path:
@@ -288,7 +295,7 @@ class HarmJudge:
 
     def describe(self) -> dict[str, Any]:
         c = self.classifier
-        return {"judge": self.name, "feature_model": c.feature_model, "layers": list(c.layers),
+        return {"judge": self.name, "weights": c.digest(), "feature_model": c.feature_model, "layers": list(c.layers),
                 "max_tokens": c.max_tokens, "pool": c.pool, "threshold": c.threshold,
                 "trained_on": c.trained_on}  # fmt: skip
 

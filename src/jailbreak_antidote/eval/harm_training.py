@@ -1,8 +1,8 @@
 """Train the harm judge's classifier on human harm labels and measure it only on rows it never saw.
 
 Two held-out measurements, both printed by `antidote train-judge` (rows shaped like judge-agreement's):
-- k-fold: all files pooled, folds stratified by (file, label); each row is judged by the classifier fitted on
-  the other folds; agreement is reported per file;
+- k-fold: all files pooled, folds stratified by (file, label) and grouped by row (copies of a row stay in one
+  fold); each row is judged by the classifier fitted on the other folds; agreement is reported per file;
 - transfer: for each file, a classifier fitted on the *other* files alone (needs two files or more).
 The keyword judge's row stands beside each, and every harm verdict goes through the refusal gate
 (a keyword refusal is not harmful), exactly as `HarmJudge` judges.
@@ -79,7 +79,7 @@ def held_out_rows(
 ) -> list[dict[str, Any]]:
     """Agreement rows ({"labels": "harm", "judge", "file", n, accuracy, kappa, precision, recall}) of the
     keyword judge, the k-fold classifier and (with two files or more) the transfer classifier, per file."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold
 
     features = np.concatenate([s.features for s in sets])
     labels = np.concatenate([s.labels for s in sets])
@@ -87,7 +87,9 @@ def held_out_rows(
     source = np.concatenate([[i] * len(s.rows) for i, s in enumerate(sets)])
     strata = source * 2 + labels  # check_trainable made sure every stratum fills the folds
     predicted = np.zeros(len(labels), dtype=bool)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, strata):
+    # A row repeated inside a file (Safe-RLHFmini holds 120 such) is one group: never on both sides of a fold.
+    groups = [fingerprint(r.question, r.answer) for s in sets for r in s.rows]
+    for train, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(features, strata, groups):
         model = HarmClassifier.fit(features[train], labels[train], c=c, **_blank())
         predicted[test] = _gated(model.probabilities(features[test]), refused[test], model.threshold)
     rows: list[dict[str, Any]] = []
