@@ -12,7 +12,7 @@ from rich.table import Table
 
 from . import bundled
 from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors, out
-from .cli_judge import HarmJudgeOption, harm_judge_missing, judge_run_for_harm
+from .cli_judge import HarmJudgeOption, harm_judge_missing, judge_run_for_harm, require_harm_judge
 from .errors import InvalidParameter
 from .eval.attacks import BUILTIN
 from .textfiles import write_text_atomic
@@ -181,11 +181,12 @@ def _usable_harm_judge(spec: str) -> str | None:
     judge when its feature model is not installed (with a note: `antidote rejudge` adds the verdicts later)."""
     if spec == "none":
         return None
+    if spec != "builtin":
+        require_harm_judge(spec, "; or pass --harm-judge none")
+        return spec
     missing = harm_judge_missing(spec)
     if missing is None:
         return spec
-    if spec != "builtin":
-        raise InvalidParameter(f"harm judge {spec!r} cannot run: {missing}; or pass --harm-judge none")
     err.print(f"[yellow]note:[/] answers are not judged for harm: {missing}; then add the verdicts with "
               "`antidote rejudge DIR`", highlight=False, soft_wrap=True)  # fmt: skip
     return None
@@ -385,9 +386,7 @@ def judge_agreement(
         from .eval.harm_judge import HarmJudge
         from .eval.judge_agreement import check_held_out
 
-        missing = harm_judge_missing(harm_judge)
-        if missing:
-            raise InvalidParameter(f"harm judge {harm_judge!r} cannot run: {missing}")
+        require_harm_judge(harm_judge)
         judge = HarmJudge.load(harm_judge)
         check_held_out(label_files, limit, judge)
     llm = None

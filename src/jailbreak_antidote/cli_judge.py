@@ -36,12 +36,19 @@ def harm_judge_missing(spec: str) -> str | None:
     return None
 
 
-def judge_run_for_harm(out_dir: Path, spec: str, dtype: str = "float32") -> None:
+def require_harm_judge(spec: str, advice: str = "") -> None:
+    """InvalidParameter (one line) if the harm judge `spec` cannot run here; `advice` ends the message."""
+    missing = harm_judge_missing(spec)
+    if missing:
+        raise InvalidParameter(f"harm judge {spec!r} cannot run: {missing}{advice}")
+
+
+def judge_run_for_harm(out_dir: Path, spec: str) -> None:
     """Add harm verdicts to a run's rows (those not yet judged by this judge) and say how many."""
     from .eval.harm_judge import HarmJudge
     from .eval.rejudge import rejudge
 
-    judge = HarmJudge.load(spec, dtype)
+    judge = HarmJudge.load(spec)
     with progress_bar() as progress:
         counts = rejudge(out_dir, judge, progress)
     done = ", ".join(f"{n} rows of {name}" for name, n in counts.items())
@@ -163,9 +170,7 @@ def rejudge(
         raise InvalidParameter(f"{out_dir} is not a directory; give the --out directory of `antidote eval`")
     if not (stored_rows(out_dir, ROWS_FILE) or stored_rows(out_dir, UTILITY_FILE)):
         raise InvalidParameter(f"{out_dir} holds no evaluation rows ({ROWS_FILE}); run `antidote eval --out {out_dir}`")
-    missing = harm_judge_missing(judge)
-    if missing:
-        raise InvalidParameter(f"harm judge {judge!r} cannot run: {missing}")
+    require_harm_judge(judge)
     judge_run_for_harm(out_dir, judge)
     if report:
         path = build_report(out_dir)
