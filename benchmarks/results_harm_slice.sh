@@ -23,10 +23,4 @@ common=(-a "$antidote_file" --goals "$data/refusal_direction/raw/jailbreakbench.
 antidote eval "${common[@]}" --benign-limit 10 \
   --defenses none,antidote,antidote+self-reminder,self-reminder,icd,dense-antidote,perplexity
 antidote eval "${common[@]}" --defenses paraphrase,smoothllm --limit 2 --benign-limit 5
-antidote rejudge "$out" --judge builtin --no-report
-mkdir -p "$published"
-for name in rows utility metrics; do
-  gzip -9 -n -c "$out/$name.jsonl" > "$published/$name.jsonl.gz"
-done
-cp "$out/config.json" "$out/judges.json" "$published/"
-antidote report "$published"   # from the gzipped rows, as anyone re-judging them would
+bash benchmarks/publish_run.sh "$out" "$published"

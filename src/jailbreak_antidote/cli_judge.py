@@ -26,13 +26,17 @@ def progress_bar() -> Progress:
 
 
 def harm_judge_missing(spec: str) -> str | None:
-    """Why the harm judge `spec` cannot run here (its feature model is a bundled model not installed), or None.
+    """Why the harm judge `spec` cannot run here (its feature model is a bundled model not installed, or a local
+    path that holds no model), or None.
     Reads only the classifier file, so a bad file fails before any model loads."""
     from .eval.harm_judge import HarmClassifier, classifier_path
+    from .models import not_a_model_path
 
     feature_model = HarmClassifier.load(classifier_path(spec)).feature_model
     if feature_model in bundled.BUNDLED and not bundled.is_installed(bundled.get(feature_model)):
         return f"its feature model {feature_model} is not installed ({bundled.get(feature_model).install})"
+    if not_a_model_path(feature_model):
+        return f"its feature model {feature_model!r} is not a model directory here (copy the model there)"
     return None
 
 

@@ -46,7 +46,7 @@ def load_model(
         source, kwargs["gguf_file"] = path.parent, path.name
     elif path.is_dir():
         source = path
-    elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+    elif not_a_model_path(spec):
         raise ModelLoadError(
             f"model path {spec!r} is not a model directory or a .gguf file; "
             f"bundled models are: {', '.join(bundled.BUNDLED)}"
@@ -67,6 +67,17 @@ def load_model(
     model.config.antidote_source = spec
     prepare_tokenizer(tokenizer)
     return model, tokenizer
+
+
+def not_a_model_path(spec: str) -> bool:
+    """True if `spec` names a local path (or a .gguf) that is not a model directory or .gguf file: it cannot
+    load, and is not a bundled name or hub id either. Checked before long work that loads the model later."""
+    if spec.startswith("bundled:") or spec in bundled.BUNDLED:
+        return False
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return False
+    return path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -37,7 +37,7 @@ from ..blocks import find_decoder
 from ..cache import cache_root
 from ..context import check_token_ids
 from ..errors import ArtifactError, InvalidParameter
-from ..models import with_positions
+from ..models import weights_digest, with_positions
 from ..textfiles import atomic_output
 from .judges import is_refusal
 
@@ -67,7 +67,7 @@ class _Enough(Exception):
 
 def _conversation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, max_tokens: int) -> tuple[str, int]:
     """The chat text of (question, answer), each cut to `max_tokens` tokens, and the character offset where the
-    answer starts in it (0 if the template does not hold the answer verbatim)."""
+    answer starts in it (-1 if the template does not hold the answer verbatim)."""
 
     def cut(text: str) -> str:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -78,12 +78,13 @@ def _conversation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     else:
         text = f"User: {messages[0]['content']}\nAssistant: {messages[1]['content']}"
-    return text, max(0, text.rfind(messages[1]["content"]))
+    return text, text.rfind(messages[1]["content"])
 
 
 def _pooling_mask(encoded: Any, answer_starts: torch.Tensor, pool: str) -> torch.Tensor:
     """[batch, seq, 1] weights of the tokens to average: every real token ("all"), or the answer's ("answer":
-    tokens that start at or after the answer's first character; all tokens if a row has none)."""
+    tokens that start at or after the answer's first character; all tokens for an empty answer, which has
+    none)."""
     mask = encoded["attention_mask"].bool()
     offsets = encoded.get("offset_mapping")
     if pool == "answer" and offsets is not None:
@@ -116,7 +117,16 @@ def answer_features(
         raise InvalidParameter(f"layer(s) {bad} outside the feature model's 1..{len(blocks)} blocks")
     if pool not in POOLS:
         raise InvalidParameter(f"pooling {pool!r}: choose {' or '.join(POOLS)}")
+    if pool == "answer" and not tokenizer.is_fast:
+        raise InvalidParameter("pooling 'answer' needs a fast tokenizer (token offsets); use pooling 'all'")
     conversations = [_conversation(tokenizer, q, a, max_tokens) for q, a in zip(questions, answers)]
+    if pool == "answer":
+        rewritten = [i for i, (_text, start) in enumerate(conversations) if start < 0 and answers[i].strip()]
+        if rewritten:
+            raise InvalidParameter(
+                f"the feature model's chat template rewrites answer {rewritten[0] + 1} (and {len(rewritten) - 1} "
+                "more), so its tokens cannot be found for pooling 'answer'; use pooling 'all'"
+            )
     texts = [text for text, _start in conversations]
     starts = torch.tensor([start for _text, start in conversations])
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -144,7 +154,7 @@ def answer_features(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             encoded = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False,
-                                return_offsets_mapping=pool == "answer" and tokenizer.is_fast)  # fmt: skip
+                                return_offsets_mapping=pool == "answer")  # fmt: skip
             mask = _pooling_mask(encoded, starts[index], pool).to(device)
             inputs = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
             with contextlib.suppress(_Enough):
@@ -171,10 +181,10 @@ def cached_features(
     pool: str = "all",
     progress: Any = None,
 ) -> np.ndarray:
-    """answer_features, kept in the cache directory (harm-features/) keyed by model, layers, pooling and rows:
-    the cross-validation and the final fit share one extraction, and a rerun with other --folds or --c needs
-    none."""
-    choices = [model_name, list(layers), max_tokens] + ([] if pool == "all" else [pool])  # "all": keys of old caches
+    """answer_features, kept in the cache directory (harm-features/) keyed by model (name and weights), layers,
+    pooling and rows: the cross-validation and the final fit share one extraction, and a rerun with other
+    --folds or --c needs none; a model retrained in the same directory is extracted afresh."""
+    choices = [model_name, weights_digest(model), list(layers), max_tokens, pool]
     key = json.dumps([*choices, list(questions), list(answers)], ensure_ascii=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = cache_root() / "harm-features" / f"{digest}.npy"
