@@ -7,11 +7,13 @@ few percent from run to run, so the script also reports the share of a steered g
 inside the steering hooks themselves (cProfile), which is stable.
 
     python benchmarks/steering_overhead.py [--model NAME] [--tokens 32] [--repeats 12]
-    python benchmarks/steering_overhead.py --antidote runs/qwen05-probe.antidote --modes fixed gated scaled
+    python benchmarks/steering_overhead.py --antidote runs/qwen05-probe.antidote --modes fixed gated monitor
+    python benchmarks/steering_overhead.py --antidote runs/qwen05-null_space.antidote --positions prompt
 
 With `--antidote` (an artifact with a harm probe) each mode is timed against the plain model in the same
-interleaved rounds; gated runs with threshold 0, so the gate is open and every prompt is steered: the
-probe's own cost on top of fixed steering.
+interleaved rounds; gated and monitor run with threshold 0, so the gate is open and every prompt is
+steered: the probe's own cost on top of fixed steering (monitor: the probe also reads every generated
+token). A null_space artifact adds its readouts' cost; `--positions prompt` steers the prefill only.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ def timed_generate(model, batch, tokens: int, pad_id: int) -> float:
     return elapsed
 
 
+POSITIONS = "all"  # set from --positions in main()
+
+
 def steered(model, antidote, alpha: float, mode: str):
-    return antidote.applied(model, alpha=alpha, mode=mode, threshold=0.0)
+    return antidote.applied(model, alpha=alpha, mode=mode, threshold=0.0, positions=POSITIONS)
 
 
 def hook_share(model, antidote, alpha: float, mode: str, batch, tokens: int, pad_id: int) -> float:
@@ -65,8 +70,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--antidote", help="A .antidote file (default: fit the built-in one)")
-    parser.add_argument("--modes", nargs="+", default=["fixed"], choices=["fixed", "gated", "scaled"])
+    parser.add_argument("--modes", nargs="+", default=["fixed"], choices=["fixed", "gated", "scaled", "monitor"])
+    parser.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
     args = parser.parse_args()
+    global POSITIONS
+    POSITIONS = args.positions
 
     if args.antidote:
         from jailbreak_antidote.antidote import Antidote
@@ -79,8 +87,9 @@ def main() -> None:
     alpha = antidote.suggested_alpha
     prompts = builtin_prompts("benign")
     print(f"machine: {machine()}")
-    print(f"model {args.model}, k={antidote.k}, {len(antidote.layers)} steered layers, alpha {alpha}")
-    print(f"{'batch':>5} {'mode':>6} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
+    print(f"model {args.model}, method {antidote.method}, k={antidote.k}, {len(antidote.layers)} steered layers, "
+          f"alpha {alpha}, positions {args.positions}")  # fmt: skip
+    print(f"{'batch':>5} {'mode':>7} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
     for batch_size in args.batch_sizes:
         batch = encode_prompts(tokenizer, prompts[:batch_size])
         timed_generate(model, batch, 4, tokenizer.pad_token_id)  # warm-up
@@ -100,7 +109,7 @@ def main() -> None:
             plain_rate = batch_size * args.tokens / statistics.median(seconds["plain"])
             steered_rate = batch_size * args.tokens / statistics.median(seconds[mode])
             print(
-                f"{batch_size:>5} {mode:>6} {plain_rate:>12.1f} {steered_rate:>14.1f} {overhead:>+9.1%} {share:>14.2%}"
+                f"{batch_size:>5} {mode:>7} {plain_rate:>12.1f} {steered_rate:>14.1f} {overhead:>+9.1%} {share:>14.2%}"
             )
 
 

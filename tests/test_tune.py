@@ -27,7 +27,7 @@ def test_tune_respects_the_budget_and_covers_every_mode(qwen2, tokenizer, probed
     assert choice["benign_refusal"] <= base["benign_refusal"] + 0.1 + 1e-9
     feasible = [p for p in result["curve"] if p["benign_refusal"] <= base["benign_refusal"] + 0.1 + 1e-9]
     assert choice["harmful_refusal"] == max(p["harmful_refusal"] for p in feasible)
-    assert {p["mode"] for p in result["curve"]} == {"fixed", "scaled", "gated"}
+    assert {p["mode"] for p in result["curve"]} == {"fixed", "scaled", "gated", "monitor"}
     gated = [p for p in result["curve"] if p["mode"] == "gated"]
     assert len(gated) == 2 * 19  # every threshold at every alpha, from one open-gate generation per alpha
 
@@ -55,3 +55,42 @@ def test_tune_cli_stores_the_default(tmp_path):
     assert summary["alpha"]["tuned"]["alpha"] == tuned["alpha"]
     result = runner.invoke(app, [*args[:-6], "--budget", "0.01"])
     assert result.exit_code == 2 and "needs at least 200" in result.output
+
+
+def test_tune_tries_the_positions_policies_it_is_given(tmp_path):
+    runner = CliRunner()
+    model, _, artifact = fitted_cli_workspace(tmp_path)
+    (tmp_path / "b.txt").write_text("\n".join(BENIGN))
+    args = ["tune", str(artifact), "-m", str(model), "--harmful", str(tmp_path / "h.txt"), "--benign",
+            str(tmp_path / "b.txt"), "--budget", "0.1", "--factor", "1", "--factor", "8",
+            "--max-new-tokens", "3"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--positions", "all,prompt"])
+    assert result.exit_code == 0, result.output
+    tuned = Antidote.load(artifact).tuned
+    assert {(p["positions"], p["alpha"] > 0) for p in tuned["curve"]} == {("all", False), ("all", True),
+                                                                           ("prompt", True)}  # fmt: skip
+    assert Antidote.load(artifact).default_positions == tuned["positions"]
+    result = runner.invoke(app, [*args, "--positions", "all,decode"])
+    assert result.exit_code == 2 and "positions must be one of" in result.output
+
+
+def test_tune_chooses_among_candidate_methods(tmp_path):
+    runner = CliRunner()
+    model, files, artifact = fitted_cli_workspace(tmp_path)
+    other = tmp_path / "j.antidote"
+    assert (
+        runner.invoke(app, ["fit", "-m", str(model), *files, "--method", "mean_diff", "--out", str(other)]).exit_code
+        == 0
+    )
+    (tmp_path / "b.txt").write_text("\n".join(BENIGN))
+    args = ["tune", str(artifact), "--candidate", str(other), "-m", str(model), "--harmful", str(tmp_path / "h.txt"),
+            "--benign", str(tmp_path / "b.txt"), "--budget", "0.1", "--factor", "1", "--factor", "8",
+            "--max-new-tokens", "3"]  # fmt: skip
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "with --candidate give --out" in refused.output
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "best.antidote")])
+    assert result.exit_code == 0, result.output
+    best = Antidote.load(tmp_path / "best.antidote")
+    assert best.method in ("pca", "mean_diff") and f"chosen: method {best.method}" in result.output
+    assert "mean" in result.output and "pca" in result.output  # one table, a row per method and point (cut to fit)
+    assert Antidote.load(artifact).tuned is None  # the inputs are not modified

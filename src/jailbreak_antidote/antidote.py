@@ -20,10 +20,13 @@ from torch import nn
 
 from .errors import ArtifactError, ArtifactMismatch, InvalidParameter
 from .probe import HarmProbe
-from .steer import MODES, Alpha, Gate, Steering
+from .steer import MODES, Alpha, Gate, Steering, check_positions
 
 FORMAT = "jailbreak-antidote"
-FORMAT_VERSION = 1
+# Version 2 adds readouts (input-dependent methods) and a tuned positions policy; a file that uses neither is
+# still written as version 1, so older versions of the package keep reading it.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SELECTORS = ("top", "random")
 PROBE_TENSORS = {"probe.weight", "probe.mean", "probe.std"}
 
@@ -66,6 +69,8 @@ class Antidote:
 
     directions[i] is the (unmasked) direction for block layers[i]; masks[i] selects the coordinates that
     are steered. The vector added at run time is alpha * directions[i] * masks[i]; alpha > 0 is safer.
+    With readouts (method null_space), it is alpha * (h . readouts[i]) * directions[i] * masks[i], h being
+    block layers[i]'s output at the prompt's last token (see `steer.Steering`).
     """
 
     layers: list[int]
@@ -81,6 +86,7 @@ class Antidote:
     chat: dict[str, Any] = field(default_factory=dict)  # chat formatting used when fitting
     provenance: dict[str, Any] = field(default_factory=dict)
     probe: HarmProbe | None = None  # optional harm probe (`antidote probe`), read at run time by adaptive modes
+    readouts: torch.Tensor | None = None  # float32 [len(layers), hidden]: input-dependent strength (null_space)
 
     @classmethod
     def fit(cls, model: nn.Module, tokenizer: Any, harmful: list[str], harmless: list[str], **kwargs: Any) -> Antidote:
@@ -109,6 +115,11 @@ class Antidote:
         return float(self.tuned["alpha"]) if self.tuned else self.suggested_alpha
 
     @property
+    def default_positions(self) -> str:
+        """The positions policy used when none is given: the tuned one, else "all" (the paper)."""
+        return str((self.tuned or {}).get("positions") or "all")
+
+    @property
     def default_mode(self) -> tuple[str, float]:
         """(mode, threshold) used when none is given: the tuned ones, else ("fixed", 0.5)."""
         if self.tuned:
@@ -119,6 +130,12 @@ class Antidote:
         """{block index: the sparse vector added per unit of alpha}."""
         sparse = self.directions * self.masks
         return {layer: sparse[i] for i, layer in enumerate(self.layers)}
+
+    def readout_vectors(self) -> dict[int, torch.Tensor] | None:
+        """{block index: readout vector [hidden]} of an input-dependent antidote, else None."""
+        if self.readouts is None:
+            return None
+        return {layer: self.readouts[i] for i, layer in enumerate(self.layers)}
 
     def with_k(self, k: float, selector: str | None = None) -> Antidote:
         """The same directions re-masked to keep int(k * hidden) coordinates; nothing is refitted."""
@@ -147,6 +164,11 @@ class Antidote:
     def __add__(self, other: Antidote) -> Antidote:
         if not isinstance(other, Antidote):
             return NotImplemented
+        if self.readouts is not None or other.readouts is not None:
+            raise InvalidParameter(
+                "cannot add input-dependent (null_space) antidotes: their strengths are read per layer from "
+                "the prompt; scale one with * instead"
+            )
         if other.hidden_size != self.hidden_size or other.model.get("num_layers") != self.model.get("num_layers"):
             raise ArtifactMismatch("cannot add antidotes fitted on different models (hidden size or depth differ)")
         layers = sorted(set(self.layers) | set(other.layers))
@@ -199,19 +221,23 @@ class Antidote:
         validate: bool = True,
         mode: str = "fixed",
         threshold: float = 0.5,
+        positions: str | None = None,
     ) -> Steering:
         """Context manager that steers `model` (alpha: number or one value per batch row; default: the
         tuned alpha if `antidote tune` ran, else the suggested one). Hooks are removed on exit, also after an
         exception.
 
         mode: "fixed" (the paper: alpha everywhere), "gated" (alpha only for prompts whose harm probability
-        is at least `threshold`) or "scaled" (alpha times that probability); the adaptive modes need a harm
-        probe (`antidote probe`). With a probe, the steering's `scores` hold each row's probability."""
+        is at least `threshold`), "scaled" (alpha times that probability) or "monitor" (gated, and the probe
+        also reads each generated token: see `steer.Gate`); the adaptive modes need a harm probe (`antidote
+        probe`). With a probe, the steering's `scores` hold each row's probability.
+        positions: "all", "prompt" or "generated" (steer.POSITIONS; default: the tuned policy, else "all")."""
         if validate:
             self.validate(model)
         return Steering(
-            model, self.vectors(), self.default_alpha if alpha is None else alpha, gate=self.gate(mode, threshold)
-        )
+            model, self.vectors(), self.default_alpha if alpha is None else alpha, gate=self.gate(mode, threshold),
+            positions=check_positions(positions or self.default_positions), readouts=self.readout_vectors(),
+        )  # fmt: skip
 
     def gate(self, mode: str = "fixed", threshold: float = 0.5) -> Gate | None:
         """The run-time gate for `mode` from the harm probe (None: plain fixed steering, no probe)."""
@@ -227,18 +253,23 @@ class Antidote:
         return Gate(self.probe.layer, self.probe.probability, mode, threshold)
 
     def maybe_applied(
-        self, model: nn.Module, alpha: float, mode: str = "fixed", threshold: float = 0.5
+        self, model: nn.Module, alpha: float, mode: str = "fixed", threshold: float = 0.5, positions: str = "all"
     ) -> contextlib.AbstractContextManager:
         """`applied` without validation, or a no-op context when alpha is 0 (evaluation helpers)."""
         if alpha == 0:
             return contextlib.nullcontext()
-        return self.applied(model, alpha, validate=False, mode=mode, threshold=threshold)
+        return self.applied(model, alpha, validate=False, mode=mode, threshold=threshold, positions=positions)
 
     # ----- persistence ----------------------------------------------------------------------------
+    def format_version(self) -> int:
+        """2 if the file needs this version's reader (readouts, or a tuned positions policy other than "all":
+        an older reader would silently steer differently), else 1."""
+        return 2 if self.readouts is not None or self.default_positions != "all" else 1
+
     def metadata(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version(),
             "layers": self.layers,
             "k": self.k,
             "selector": self.selector,
@@ -259,6 +290,8 @@ class Antidote:
         }
         if self.probe is not None:
             tensors.update({name: t.float().contiguous() for name, t in self.probe.tensors().items()})
+        if self.readouts is not None:
+            tensors["readouts"] = self.readouts.float().contiguous()
         return tensors
 
     def fingerprint(self) -> str:
@@ -307,17 +340,21 @@ class Antidote:
         except (KeyError, json.JSONDecodeError):
             raise ArtifactError(f"antidote {str(path)!r} has unreadable metadata: {refit}") from None
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"antidote {str(path)!r} has format version {version}, this jailbreak-antidote reads version "
-                f"{FORMAT_VERSION}; upgrade the package or refit the antidote"
+                f"antidote {str(path)!r} has format version {version}, this jailbreak-antidote reads versions "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}; upgrade the package (pip install -U "
+                "jailbreak-antidote) or refit the antidote"
             )
         expected = {"directions", "masks"} | (PROBE_TENSORS if meta.get("probe") else set())
+        expected |= {"readouts"} if "readouts" in tensors and version >= 2 else set()
         if set(tensors) != expected or meta.get("tensors_sha256") != _tensor_digest(tensors):
             raise ArtifactError(f"antidote {str(path)!r} failed its checksum: {refit}")
         directions, masks = tensors["directions"], tensors["masks"].bool()
         layers = [int(layer) for layer in meta["layers"]]
-        if directions.shape != masks.shape or directions.shape[0] != len(layers):
+        readouts = tensors.get("readouts")
+        if (directions.shape != masks.shape or directions.shape[0] != len(layers)
+                or (readouts is not None and readouts.shape != directions.shape)):  # fmt: skip
             raise ArtifactError(f"antidote {str(path)!r} has inconsistent shapes: {refit}")
         antidote = cls(
             layers=layers,
@@ -333,6 +370,7 @@ class Antidote:
             chat=meta["chat"],
             provenance=meta["provenance"],
             probe=HarmProbe.from_parts(meta["probe"], tensors) if meta.get("probe") else None,
+            readouts=readouts,
         )
         if model is not None:
             antidote.validate(model)
@@ -349,6 +387,8 @@ class Antidote:
             "k": self.k,
             "selector": self.selector,
             "method": self.method,
+            "input_dependent": self.readouts is not None,
+            "default_positions": self.default_positions,
             "nonzeros_per_layer": nonzeros,
             "masked_norm_per_layer": [round(x, 4) for x in kept_norms],
             "alpha": self.alpha,

@@ -52,6 +52,13 @@ SystemOption = Annotated[
     str | None,
     typer.Option(help="System prompt (folded into the user turn for templates without one) [default: none]"),
 ]
+PositionsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Which positions are steered: all (the paper), prompt (the prefill only; generated tokens read the "
+        "steered prompt) or generated [default: tuned, or all]"
+    ),
+]
 
 
 # Options that name where a command writes, checked before any work so that a bad path fails at once.
@@ -151,7 +158,21 @@ def fit(
     ] = None,
     k: Annotated[float, typer.Option(help="Fraction of coordinates steered per layer, in (0, 1]")] = 0.05,
     layer_top_p: Annotated[float, typer.Option(help="Fraction of layers kept, ranked by held-out accuracy")] = 0.9,
-    method: Annotated[str, typer.Option(help="Direction estimator: pca or mean_diff")] = "pca",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="pca or mean_diff (the paper's direction estimators); null_space (input-dependent strength, "
+            "after AlphaSteer: near zero on prompts like the harmless ones) or jailbreak_diff (plain minus "
+            "jailbreak-wrapped harmful prompts); the last two also read the prompts wrapped in the built-in "
+            "training attacks (docs/METHOD.md)"
+        ),
+    ] = "pca",
+    null_space_ratio: Annotated[
+        float, typer.Option(help="null_space: fraction of the least-varying harmless directions the readout may use")
+    ] = 0.6,
+    ridge: Annotated[
+        float, typer.Option(help="null_space: ridge penalty, relative to the mean diagonal of the Gram matrix")
+    ] = 1.0,
     selector: Annotated[str, typer.Option(help="Which coordinates to keep: top (largest |d|) or random")] = "top",
     system: SystemOption = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N pairs [default: all]")] = None,
@@ -160,11 +181,15 @@ def fit(
 ) -> None:
     """Fit an antidote from paired harmful/harmless prompts and save it."""
     from .antidote import check_k
-    from .fit import check_layer_top_p, fit_antidote
+    from .fit import METHODS, check_layer_top_p, fit_antidote
     from .prompts import builtin_calibration, check_pairs, read_prompts
 
     check_k(k)
     check_layer_top_p(layer_top_p, "--layer-top-p")  # fail before the slow model load
+    if method not in METHODS:
+        raise InvalidParameter(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if not 0 < null_space_ratio < 1 or not ridge > 0:
+        raise InvalidParameter("--null-space-ratio must be in (0, 1) and --ridge positive")
     if (harmful is None) != (harmless is None):
         raise InvalidParameter("give both --harmful and --harmless, or neither (to use the built-in set)")
     if harmful is not None and harmless is not None:
@@ -180,6 +205,7 @@ def fit(
     antidote = fit_antidote(
         lm, tokenizer, positives, negatives, k=k, layer_top_p=layer_top_p, method=method, selector=selector,
         system=system, batch_size=batch_size, seed=seed, show_progress=True, source=source,
+        null_space_ratio=null_space_ratio, ridge=ridge,
     )  # fmt: skip
     antidote.save(out_path)
     _print_layers(antidote)
@@ -225,6 +251,10 @@ def inspect(
         f"{model.get('num_layers')} blocks)"
     )
     out.print(f"method {antidote.method}, k={antidote.k} ({antidote.selector}), layers {antidote.layers}")
+    if antidote.readouts is not None:
+        out.print("input-dependent: the strength at each layer is alpha x the prompt's reading on that layer's readout")
+    if antidote.default_positions != "all":
+        out.print(f"positions steered by default: {antidote.default_positions} (tuned)")
     alpha = antidote.alpha
     out.print(f"suggested alpha {alpha.get('suggested')} (range {alpha.get('range')}): {alpha.get('how')}")
     out.print(f"calibration: {antidote.provenance.get('calibration')}, {antidote.provenance.get('n_pairs')} pairs")
@@ -262,11 +292,15 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     mode: Annotated[
         str | None,
-        typer.Option(help="fixed (alpha everywhere), gated or scaled (by the harm probe) [default: tuned, or fixed]"),
+        typer.Option(
+            help="fixed (alpha everywhere), gated or scaled (by the harm probe on the prompt), or monitor (gated, "
+            "and the probe also reads the answer as it is written) [default: tuned, or fixed]"
+        ),
     ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="Harm probability from which gated mode steers [default: tuned, or 0.5]")
     ] = None,
+    positions: PositionsOption = None,
     out_path: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response [default: print a table only]"),
@@ -274,9 +308,9 @@ def generate(
 ) -> None:
     """Generate answers, optionally steered by an antidote at one or several alphas."""
     from .antidote import Antidote
-    from .generate import Sampling, generate_grid
+    from .generate import Sampling, check_control_vector, generate_grid
     from .prompts import read_prompts
-    from .steer import check_alpha
+    from .steer import check_alpha, check_positions
 
     if (prompt is None) == (prompts is None):
         raise InvalidParameter("give exactly one of PROMPT or --prompts FILE")
@@ -290,6 +324,9 @@ def generate(
     mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
     if antidote is not None:
         antidote.gate(mode, threshold)  # a bad mode, threshold or a missing probe fails before the model loads
+        check_positions(positions or antidote.default_positions)
+        if backend == "llamacpp":
+            check_control_vector(antidote, positions)
     alphas = alpha or ([antidote.default_alpha] if antidote else [0.0])
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
@@ -297,7 +334,7 @@ def generate(
     rows = generate_grid(
         lm, tokenizer, texts, alphas, antidote=antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
         system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True, mode=mode,
-        threshold=threshold,
+        threshold=threshold, positions=positions,
     )  # fmt: skip
     if out_path is not None:
         _write_jsonl_atomic(out_path, rows)

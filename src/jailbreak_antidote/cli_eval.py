@@ -117,10 +117,10 @@ def _run(
     harm_judge="builtin",
 ) -> None:  # fmt: skip
     from .antidote import Antidote
-    from .eval.defenses import MODE_OF, STEERED, DefenseRunner, build_settings
+    from .eval.defenses import DefenseRunner, build_settings, is_steered, mode_of, positions_of
     from .eval.report import build_report
     from .eval.runner import Evaluation, RunConfig, file_sha256
-    from .generate import Sampling
+    from .generate import Sampling, check_control_vector
     from .models import weights_digest
     from .prompts import builtin_calibration
     from .steer import check_alpha
@@ -131,11 +131,13 @@ def _run(
     attack_prompts = _attack_prompts(attacks, goals, limit, stride)
     benign_sets = _benign_sets(benign, xstest, benign_limit)
     antidote = Antidote.load(antidote_path) if antidote_path else None
-    if antidote is None and any(d in STEERED for d in defenses):
+    if antidote is None and any(is_steered(d) for d in defenses):
         raise InvalidParameter("the antidote defenses need --antidote PATH (create one with `antidote fit`)")
     for defense in defenses:
-        if defense in MODE_OF and antidote is not None:
-            antidote.gate(MODE_OF[defense], threshold)  # needs a harm probe; fail before the model loads
+        if antidote is not None and is_steered(defense):
+            antidote.gate(mode_of(defense), threshold)  # needs a harm probe; fail before the model loads
+            if backend == "llamacpp":
+                check_control_vector(antidote, positions_of(defense))
     if antidote is not None:
         if factors is not None:
             alphas = [round(f * antidote.suggested_alpha, 4) for f in factors]
@@ -228,8 +230,9 @@ def eval_command(
         str,
         typer.Option(
             help="Comma-separated: none, antidote, antidote+self-reminder, self-reminder, icd, smoothllm, "
-            "perplexity, paraphrase, dense-antidote, antidote-gated, antidote-scaled (the last two need a harm "
-            "probe: `antidote probe`)"
+            "perplexity, paraphrase, dense-antidote, antidote-gated, antidote-scaled, antidote-monitor (the last "
+            "three need a harm probe: `antidote probe`); a steered one may end in @prompt or @generated to "
+            "steer only those positions (antidote@prompt), else it steers all"
         ),
     ] = "none,antidote",
     alpha: Annotated[

@@ -78,11 +78,21 @@ def serve(
     ] = None,
     mode: Annotated[
         str | None,
-        typer.Option(help="Default mode: fixed, gated or scaled (by the harm probe) [default: tuned, or fixed]"),
+        typer.Option(
+            help="Default mode: fixed, gated, scaled (by the harm probe) or monitor (gated, and the probe reads the "
+            "answer as it is written) [default: tuned, or fixed]"
+        ),
     ] = None,
     threshold: Annotated[
         float | None,
         typer.Option(help="Default harm probability from which gated mode steers [default: tuned, or 0.5]"),
+    ] = None,
+    positions: Annotated[
+        str | None,
+        typer.Option(
+            help="Default positions steered: all (the paper), prompt (the prefill only) or generated; a request may "
+            "set its own [default: tuned, or all]"
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
@@ -114,20 +124,27 @@ def serve(
 
     from .antidote import Antidote
     from .fit import builtin_antidote
+    from .generate import check_control_vector
     from .server import ServerConfig, create_app
+    from .steer import check_positions
 
     if max_batch < 1 or max_tokens < 1:
         raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
     if no_antidote and antidote_path is not None:
         raise InvalidParameter("give --antidote or --no-antidote, not both")
-    steering = {"--alpha": alpha, "--alpha-max": alpha_max, "--mode": mode, "--threshold": threshold}
+    steering = {"--alpha": alpha, "--alpha-max": alpha_max, "--mode": mode, "--threshold": threshold,
+                "--positions": positions}  # fmt: skip
     given = [flag for flag, value in steering.items() if value is not None] + (["--alpha-min"] if alpha_min else [])
     if no_antidote and given:
         raise InvalidParameter(f"--no-antidote serves the model unsteered, so {', '.join(given)} would do nothing; "
                                "drop them or the --no-antidote")  # fmt: skip
     if threshold is not None and not 0 <= threshold <= 1:
         raise InvalidParameter(f"--threshold is a harm probability in [0, 1], got {threshold}")
+    if positions is not None:
+        check_positions(positions)
     antidote = Antidote.load(antidote_path) if antidote_path else None
+    if antidote is not None and backend == "llamacpp":
+        check_control_vector(antidote, positions)  # before the model loads
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype, backend)
@@ -145,11 +162,12 @@ def serve(
     else:
         default, low, high = strength_defaults(antidote, alpha, alpha_min, alpha_max)
         antidote.gate(mode, threshold)  # a bad mode or threshold, or no probe for gated / scaled
+    positions = positions or (antidote.default_positions if antidote is not None else "all")
     if mode != "fixed" and (antidote is None or backend == "llamacpp"):
         raise InvalidParameter("--mode gated / scaled needs an antidote with a harm probe on the transformers backend")
     config = ServerConfig(
         model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
-        default_threshold=threshold, alpha_min=float(low),
+        default_threshold=threshold, default_positions=positions, alpha_min=float(low),
         alpha_max=float(high), api_key=api_key, max_tokens=max_tokens,
         max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
     )  # fmt: skip
@@ -157,6 +175,6 @@ def serve(
     if antidote is None:
         err.print("strength in use: none (no antidote; requests may not set alpha)", highlight=False)
     else:
-        err.print(strength_summary(antidote, default, low, high, mode, threshold, explicit=alpha is not None),
-                  highlight=False)  # fmt: skip
+        summary = strength_summary(antidote, default, low, high, mode, threshold, explicit=alpha is not None)
+        err.print(summary + ("" if positions == "all" else f"; steering {positions} positions only"), highlight=False)
     uvicorn.run(create_app(lm, tokenizer, antidote, config), host=host, port=port, log_level="warning")

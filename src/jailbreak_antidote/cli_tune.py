@@ -1,4 +1,5 @@
-"""`antidote tune` (registered in cli.py): choose mode, alpha and threshold under a benign-refusal budget."""
+"""`antidote tune` (registered in cli.py): choose method, mode, alpha, threshold and positions under a benign-refusal
+budget."""
 
 from __future__ import annotations
 
@@ -29,19 +30,39 @@ def tune(
     factor: Annotated[
         list[float] | None, typer.Option(help="Alphas as multiples of the suggested alpha [default: 0.5 1 1.5 2]")
     ] = None,
+    positions: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated positions policies to try: all (the paper), prompt (the prefill only), generated"
+        ),
+    ] = "all",
+    candidate: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Another .antidote of the same model (another --method), repeatable: each is tuned on the same "
+            "prompts and the best one, with its choice, is written to --out (then required)"
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt for the refusal judge")] = 16,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch")] = 16,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of in place")] = None,
 ) -> None:
-    """Pick the mode (fixed, gated, scaled), alpha and threshold that refuse the most harmful prompts while
-    refusing at most --budget more benign prompts than alpha 0; store it as the artifact's default."""
+    """Pick the mode (fixed, gated, scaled, monitor), alpha, threshold and positions policy (and, with
+    --candidate, the fit method) that refuse the most harmful prompts while refusing at most --budget more
+    benign prompts than alpha 0; store it as the artifact's default."""
     from .antidote import Antidote
     from .prompts import read_prompts
+    from .steer import check_positions
     from .tune import FACTORS, check_budget, needed_benign
     from .tune import tune as run_tune
 
     check_budget(budget)
-    antidote = Antidote.load(antidote_path)
+    policies = [p.strip() for p in positions.split(",") if p.strip()]
+    for policy in policies or [""]:
+        check_positions(policy)
+    if candidate and out_path is None:
+        raise InvalidParameter("with --candidate give --out FILE: the winner may be any of the artifacts")
+    artifacts = [Antidote.load(path) for path in [antidote_path, *(candidate or [])]]
     harmful_prompts = read_prompts(harmful) if harmful else None
     benign_prompts = read_prompts(benign) if benign else None
     if benign_prompts is not None and len(benign_prompts) < needed_benign(budget):
@@ -49,33 +70,56 @@ def tune(
             f"{benign} holds {len(benign_prompts)} prompts; a {budget:.0%} budget needs at least "
             f"{needed_benign(budget)}"
         )
-    if antidote.probe is None:
-        err.print("no harm probe in this antidote: tuning the fixed mode only (add one with `antidote probe`)")
+    if any(a.probe is None for a in artifacts):
+        err.print("an antidote without a harm probe is tuned in the fixed mode only (add one with `antidote probe`)")
+    antidote = artifacts[0]
     if model is None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype)
-    _check(antidote, lm)
-    result = run_tune(
-        lm, tokenizer, antidote, harmful=harmful_prompts, benign=benign_prompts, budget=budget,
-        factors=factor or FACTORS, max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=True,
-    )  # fmt: skip
+    for artifact in artifacts:
+        _check(artifact, lm)
+    results = []
+    for artifact in artifacts:
+        results.append(run_tune(
+            lm, tokenizer, artifact, harmful=harmful_prompts, benign=benign_prompts, budget=budget,
+            factors=factor or FACTORS, policies=policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            show_progress=True,
+        ))  # fmt: skip
+    best = max(range(len(artifacts)), key=lambda i: _rank(results[i]["choice"]))
+    antidote, result = artifacts[best], results[best]
+    _print_curves(artifacts, results, best, budget)
     choice = result["choice"]
-    table = Table(title=f"Refusal rates ({result['n_harmful']} harmful, {result['n_benign']} benign prompts)")
-    for column in ("mode", "alpha", "threshold", "harmful refused", "benign refused", ""):
-        table.add_column(column)
-    limit = result["baseline"]["benign_refusal"] + budget
-    for point in result["curve"]:
-        shown = point["mode"] != "gated" or point["threshold"] in (0.25, 0.5, 0.75) or point == choice
-        if shown:
-            mark = "chosen" if point == choice else ("over budget" if point["benign_refusal"] > limit + 1e-9 else "")
-            shown_threshold = "-" if point["threshold"] is None else f"{point['threshold']:g}"
-            table.add_row(point["mode"], f"{point['alpha']:g}", shown_threshold, f"{point['harmful_refusal']:.0%}",
-                          f"{point['benign_refusal']:.0%}", mark)  # fmt: skip
-    out.print(table)
     antidote.alpha = {**antidote.alpha, "tuned": {**choice, **{k: v for k, v in result.items() if k != "choice"}}}
     path = antidote.save(out_path or antidote_path)
     threshold = f", threshold {choice['threshold']:g}" if choice["threshold"] is not None else ""
-    out.print(f"chosen: mode {choice['mode']}, alpha {choice['alpha']:g}{threshold}: harmful refused "
+    method = f"method {antidote.method}, " if candidate else ""
+    out.print(f"chosen: {method}mode {choice['mode']}, positions {choice['positions']}, alpha {choice['alpha']:g}"
+              f"{threshold}: harmful refused "
               f"{choice['harmful_refusal']:.0%}, benign refused {choice['benign_refusal']:.0%} (alpha 0: "
               f"{result['baseline']['benign_refusal']:.0%}, budget +{budget:.0%}); stored in {path} as the default "
               "for generate, eval and serve")  # fmt: skip
+
+
+def _rank(choice: dict) -> tuple[float, float, float]:
+    """The tuner's own order: most harmful refusals, then fewest benign ones, then the gentlest alpha."""
+    return (choice["harmful_refusal"], -choice["benign_refusal"], -choice["alpha"])
+
+
+def _print_curves(artifacts: list, results: list[dict], best: int, budget: float) -> None:
+    first = results[0]
+    table = Table(title=f"Refusal rates ({first['n_harmful']} harmful, {first['n_benign']} benign prompts)")
+    columns = ("method", "mode", "positions", "alpha", "threshold", "harmful refused", "benign refused", "")
+    for column in columns if len(artifacts) > 1 else columns[1:]:
+        table.add_column(column)
+    for i, (artifact, result) in enumerate(zip(artifacts, results)):
+        limit = result["baseline"]["benign_refusal"] + budget
+        for point in result["curve"]:
+            chosen = i == best and point == result["choice"]
+            if point["mode"] == "gated" and point["threshold"] not in (0.25, 0.5, 0.75) and not chosen:
+                continue
+            mark = "chosen" if chosen else ("over budget" if point["benign_refusal"] > limit + 1e-9 else "")
+            shown_threshold = "-" if point["threshold"] is None else f"{point['threshold']:g}"
+            cells = [point["mode"], point["positions"], f"{point['alpha']:g}", shown_threshold,
+                     f"{point['harmful_refusal']:.0%}", f"{point['benign_refusal']:.0%}", mark]  # fmt: skip
+            table.add_row(*([artifact.method] if len(artifacts) > 1 else []), *cells)
+    out.print(table)

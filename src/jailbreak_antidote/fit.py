@@ -24,10 +24,19 @@ from .antidote import SELECTORS, Antidote, check_k, sparse_mask
 from .blocks import decoder_blocks
 from .context import describe
 from .errors import AntidoteError, InvalidParameter
+from .fit_methods import (
+    NULL_SPACE_RATIO,
+    RIDGE,
+    WRAPPED_METHODS,
+    WrappedPrompts,
+    null_space_readouts,
+    wrapped_calibration,
+)
 from .models import model_identity, weights_digest
+from .probe import TRAIN_ATTACKS
 from .prompts import builtin_calibration, check_pairs
 
-METHODS = ("pca", "mean_diff")
+METHODS = ("pca", "mean_diff", "null_space", "jailbreak_diff")
 # The suggested alpha closes this fraction of the harmful-harmless projection gap (see suggest_alpha).
 GAP_FRACTION = 0.5
 
@@ -60,23 +69,31 @@ def directions_from_differences(diffs: torch.Tensor, method: str) -> torch.Tenso
     elif method == "mean_diff":
         direction = mean.clone()
     else:
-        raise InvalidParameter(f"method must be one of {METHODS}, got {method!r}")
+        raise InvalidParameter(f"method must be pca or mean_diff, got {method!r}")
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
     sign = torch.sign((direction * mean).sum(dim=1))
     sign[sign == 0] = 1
     return direction * sign[:, None]
 
 
-def paired_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Per layer: fraction of pairs whose harmful member projects higher than its harmless partner."""
-    diff = ((harmful - harmless) * direction[None]).sum(dim=-1)  # [pairs, layers]
+def paired_accuracy(
+    harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor, readouts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per layer: fraction of pairs whose harmful member projects higher than its harmless partner (onto the
+    readout instead of the direction, where the method has one: that is what decides its strength)."""
+    read = direction if readouts is None else readouts
+    diff = ((harmful - harmless) * read[None]).sum(dim=-1)  # [pairs, layers]
     return (diff > 0).float().mean(dim=0)
 
 
-def separation(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Per layer: projection gap between the classes in units of their pooled standard deviation."""
-    pos = (harmful * direction[None]).sum(dim=-1)
-    neg = (harmless * direction[None]).sum(dim=-1)
+def separation(
+    harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Tensor, readouts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per layer: projection gap between the classes in units of their pooled standard deviation (onto the
+    readout where there is one)."""
+    read = direction if readouts is None else readouts
+    pos = (harmful * read[None]).sum(dim=-1)
+    neg = (harmless * read[None]).sum(dim=-1)
     pooled = ((pos.var(dim=0) + neg.var(dim=0)) / 2).sqrt().clamp_min(1e-6)
     return (pos.mean(dim=0) - neg.mean(dim=0)) / pooled
 
@@ -130,15 +147,19 @@ def fit_antidote(
     batch_size: int = 16,
     show_progress: bool = False,
     source: str = "custom",
+    null_space_ratio: float = NULL_SPACE_RATIO,
+    ridge: float = RIDGE,
 ) -> Antidote:
     """Fit an antidote from paired prompts: harmful[i] is matched with harmless[i].
 
-    Works for any concept: 'harmful' is the side that +alpha pushes towards.
+    Works for any concept: 'harmful' is the side that +alpha pushes towards. Methods (METHOD.md): pca and
+    mean_diff (the paper); null_space and jailbreak_diff (fit_methods.py) also read every pair wrapped in
+    the built-in training attacks. Raises InvalidParameter for an unknown method or too few pairs.
     """
     check_k(k)
     check_layer_top_p(layer_top_p)
     if method not in METHODS:
-        raise InvalidParameter(f"method must be one of {METHODS}, got {method!r}")
+        raise InvalidParameter(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if selector not in SELECTORS:
         raise InvalidParameter(f"selector must be one of {SELECTORS}, got {selector!r}")
     if not 0 < val_fraction < 1:
@@ -150,32 +171,40 @@ def fit_antidote(
     candidates = list(range(1, len(decoder_blocks(model))))  # block 0 is never steered
     if not candidates:
         raise InvalidParameter("the model has a single decoder block; the antidote needs at least two")
+    if method in WRAPPED_METHODS:
+        calibration = wrapped_calibration(harmful, harmless, TRAIN_ATTACKS, seed)
+        prompts = calibration.prompts
+        names = [f"calibration prompt {i + 1} ({describe(p)})" for i, p in enumerate(prompts)]
+    else:
+        prompts = harmful + harmless
+        names = [f"harmful prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmful)] + [
+            f"harmless prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmless)
+        ]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=True, console=Console(stderr=True)) as progress:
-        states = last_token_states(
-            model,
-            tokenizer,
-            harmful + harmless,
-            candidates,
-            system=system,
-            batch_size=batch_size,
-            progress=progress,
-            description="reading hidden states",
-            names=[f"harmful prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmful)]
-            + [f"harmless prompt {i + 1} ({describe(p)})" for i, p in enumerate(harmless)],
-        )
-    pos, neg = states[: len(harmful)], states[len(harmful) :]
+        states = last_token_states(model, tokenizer, prompts, candidates, system=system, batch_size=batch_size,
+                                   progress=progress, description="reading hidden states", names=names)  # fmt: skip
 
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(harmful), generator=generator)
     n_val = max(2, round(val_fraction * len(harmful)))
     val, train = perm[:n_val], perm[n_val:]
-
-    directions = directions_from_differences(pos[train] - neg[train], method)
-    accuracy = paired_accuracy(pos[val], neg[val], directions)
-    val_separation = separation(pos[val], neg[val], directions)
-    other = "mean_diff" if method == "pca" else "pca"
-    other_accuracy = paired_accuracy(pos[val], neg[val], directions_from_differences(pos[train] - neg[train], other))
+    readouts = None
+    if method in WRAPPED_METHODS:
+        fitted = _wrapped_directions(states, calibration, train, val, method, null_space_ratio, ridge)
+        directions, readouts, pos, neg, val_pos, val_neg, extra = fitted
+    else:
+        pos, neg = states[: len(harmful)], states[len(harmful) :]
+        directions = directions_from_differences(pos[train] - neg[train], method)
+        val_pos, val_neg = pos[val], neg[val]
+        other = "mean_diff" if method == "pca" else "pca"
+        other_directions = directions_from_differences(pos[train] - neg[train], other)
+        extra = {
+            "method_accuracy_mean": {other: round(float(paired_accuracy(val_pos, val_neg, other_directions).mean()), 4)}
+        }
+    accuracy = paired_accuracy(val_pos, val_neg, directions, readouts)
+    val_separation = separation(val_pos, val_neg, directions, readouts)
+    extra.setdefault("method_accuracy_mean", {})[method] = round(float(accuracy.mean()), 4)
 
     n_keep = max(1, round(layer_top_p * len(candidates)))
     ranking = sorted(range(len(candidates)), key=lambda i: (-float(accuracy[i]), -float(val_separation[i])))
@@ -184,9 +213,11 @@ def fit_antidote(
     chosen_dirs = directions[chosen]
     masks = torch.stack([sparse_mask(d, k, selector, seed + layer) for d, layer in zip(chosen_dirs, layers)])
 
-    proj_pos = (pos * directions[None]).sum(-1)  # [pairs, candidates]
+    proj_pos = (pos * directions[None]).sum(-1)  # [prompts, candidates]
     proj_neg = (neg * directions[None]).sum(-1)
     gaps = proj_pos.mean(0) - proj_neg.mean(0)
+    # Readouts are fitted to read 1 on harmful prompts, so per unit alpha a harmful prompt moves as with a
+    # fixed antidote: the same suggestion applies.
     alpha = suggest_alpha(chosen_dirs, masks, layers, gaps[chosen])
 
     def per_layer(values: torch.Tensor, digits: int = 4) -> dict[str, float]:
@@ -195,10 +226,8 @@ def fit_antidote(
     stats = {
         "layer_accuracy": per_layer(accuracy),
         "layer_separation": per_layer(val_separation),
-        "method_accuracy_mean": {
-            method: round(float(accuracy.mean()), 4),
-            other: round(float(other_accuracy.mean()), 4),
-        },
+        **{key: value for key, value in extra.items() if key != "per_layer"},
+        **{key: per_layer(value) for key, value in extra.get("per_layer", {}).items()},
         "harmful_projection_mean": per_layer(proj_pos.mean(0)),
         "harmful_projection_std": per_layer(proj_pos.std(0)),
         "harmless_projection_mean": per_layer(proj_neg.mean(0)),
@@ -207,6 +236,19 @@ def fit_antidote(
         "n_train_pairs": len(train),
         "n_val_pairs": len(val),
     }
+    provenance = {
+        "calibration": source,
+        "n_pairs": len(harmful),
+        "layer_top_p": layer_top_p,
+        "val_fraction": val_fraction,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+        "fit_seconds": round(time.perf_counter() - started, 2),
+    }
+    if method in WRAPPED_METHODS:
+        provenance["wrapped_in"] = {"attacks": list(TRAIN_ATTACKS), "per_prompt": calibration.per_prompt}
+    if method == "null_space":
+        provenance["null_space"] = {"ratio": null_space_ratio, "ridge": ridge}
     return Antidote(
         layers=layers,
         directions=chosen_dirs.contiguous(),
@@ -222,16 +264,52 @@ def fit_antidote(
             "system": system,
             "template": "chat_template" if getattr(tokenizer, "chat_template", None) else "plain",
         },
-        provenance={
-            "calibration": source,
-            "n_pairs": len(harmful),
-            "layer_top_p": layer_top_p,
-            "val_fraction": val_fraction,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "package_version": _package_version(),
-            "fit_seconds": round(time.perf_counter() - started, 2),
-        },
+        provenance=provenance,
+        readouts=None if readouts is None else readouts[chosen].contiguous(),
     )
+
+
+def _wrapped_directions(
+    states: torch.Tensor,
+    calibration: WrappedPrompts,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    method: str,
+    null_space_ratio: float,
+    ridge: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Directions (and readouts) of the wrapped methods, fitted on the training pairs' prompts only, with what
+    the layer ranking compares on the validation pairs: (directions, readouts, pos, neg, val_pos, val_neg,
+    extra stats). null_space: harmful vs harmless prompts, plain and wrapped alike; jailbreak_diff: plain
+    harmful prompts vs the same prompts wrapped."""
+    labels = torch.tensor(calibration.labels)
+    pairs = torch.tensor(calibration.pairs)
+    wrapped = torch.tensor(calibration.wrapped)
+    in_train = torch.isin(pairs, train)
+    in_val = torch.isin(pairs, val)
+    harmful = labels == 1
+    if method == "null_space":
+        plain = ~wrapped
+        pos, neg = states[harmful & plain & in_train], states[~harmful & plain & in_train]
+        directions = directions_from_differences(pos - neg, "mean_diff")
+        readouts = null_space_readouts(states[in_train], labels[in_train], null_space_ratio, ridge)
+        val_pos, val_neg = states[harmful & in_val], states[~harmful & in_val]  # paired: same order both sides
+        scores = {
+            "harmful": (val_pos * readouts[None]).sum(-1).mean(0),
+            "harmless": (val_neg * readouts[None]).sum(-1).mean(0),
+        }
+        extra = {"per_layer": {"readout_harmful_mean": scores["harmful"], "readout_harmless_mean": scores["harmless"]}}
+        return directions, readouts, pos, neg, val_pos, val_neg, extra
+    # jailbreak_diff: each wrapped harmful prompt against its own plain version
+    plain_of = {int(p): i for i, p in enumerate(pairs.tolist()) if harmful[i] and not wrapped[i]}
+    index = [i for i in range(len(pairs)) if harmful[i] and wrapped[i]]
+    plain_rows = torch.tensor([plain_of[int(pairs[i])] for i in index])
+    wrapped_rows = torch.tensor(index)
+    train_rows = torch.isin(pairs[wrapped_rows], train)
+    pos, neg = states[plain_rows[train_rows]], states[wrapped_rows[train_rows]]
+    directions = directions_from_differences(pos - neg, "mean_diff")
+    val_rows = torch.isin(pairs[wrapped_rows], val)
+    return directions, None, pos, neg, states[plain_rows[val_rows]], states[wrapped_rows[val_rows]], {}
 
 
 def builtin_antidote(

@@ -55,6 +55,7 @@ FIX_TOO_LONG = "shorten the prompt, or generate fewer new tokens (--max-new-toke
 class Answer:
     text: str
     harm_score: float | None = None  # the harm probe's p(harmful) for the prompt, when the antidote has one
+    monitor_triggered: bool | None = None  # monitor mode: the output monitor opened steering mid-answer
 
 
 def generate(
@@ -79,13 +80,15 @@ def generate_answers(
     show_progress: bool = False,
     mode: str = "fixed",
     threshold: float = 0.5,
+    positions: str | None = None,
     too_long_fix: str = FIX_TOO_LONG,
 ) -> list[Answer]:
     """Answer each prompt (a user message or a list of chat messages).
 
     With an antidote, prompt i is steered at alphas[i] (or one alpha for all; default: the antidote's
-    tuned, else suggested alpha). Rows of different alpha share batches. `mode` and `threshold`: see
-    `Antidote.applied`; with a harm probe in the antidote each answer carries its prompt's harm score.
+    tuned, else suggested alpha). Rows of different alpha share batches. `mode`, `threshold` and `positions`
+    (None: the antidote's default): see `Antidote.applied`; with a harm probe in the antidote each answer
+    carries its prompt's harm score.
 
     Raises ContextLengthError before generating anything if a prompt plus max_new_tokens does not fit the
     model's context (the message ends with `too_long_fix`), and InvalidParameter for token ids outside
@@ -97,6 +100,8 @@ def generate_answers(
 
         if mode != "fixed":
             raise InvalidParameter(f"mode {mode!r} (harm probe) needs the transformers backend")
+        if antidote is not None:
+            check_control_vector(antidote, positions)
         texts = llamacpp_generate(
             model, prompts, antidote=antidote, alphas=alphas, max_new_tokens=max_new_tokens, system=system,
             sampling=sampling,
@@ -125,20 +130,40 @@ def generate_answers(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling.kwargs()
             )
             scores: list[float | None] = [None] * len(index)
+            triggered: list[bool | None] = [None] * len(index)
             if antidote is None:
                 output = model.generate(**kwargs)
             else:
                 row_alpha = torch.tensor([alpha_values[i] for i in index])
-                with antidote.applied(model, row_alpha, validate=False, mode=mode, threshold=threshold) as steering:
+                with antidote.applied(model, row_alpha, validate=False, mode=mode, threshold=threshold,
+                              positions=positions) as steering:  # fmt: skip
                     output = model.generate(**kwargs)
                 if steering.scores is not None:
                     scores = [round(float(x), 4) for x in steering.scores]
+                if mode == "monitor" and steering.triggered is not None:
+                    triggered = [bool(x) for x in steering.triggered]
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text, score in zip(index, texts, scores):
-                answers[i] = Answer(text.strip(), score)
+            for i, text, score, opened in zip(index, texts, scores, triggered):
+                answers[i] = Answer(text.strip(), score, opened)
             progress.advance(task, len(index))
     return answers
+
+
+def check_control_vector(antidote: Antidote, positions: str | None) -> None:
+    """InvalidParameter unless the antidote can run as a control vector (llama.cpp): those are added at
+    every position with one strength, so no prompt-only policy and no input-dependent method."""
+    policy = positions or antidote.default_positions
+    if policy != "all":
+        raise InvalidParameter(
+            f"positions {policy!r} needs the transformers backend (a llama.cpp control vector steers every "
+            "position); use --positions all"
+        )
+    if antidote.readouts is not None:
+        raise InvalidParameter(
+            f"the {antidote.method} method reads each prompt to set its strength, which a llama.cpp control "
+            "vector cannot; use the transformers backend or an antidote fitted with --method pca"
+        )
 
 
 def generate_grid(

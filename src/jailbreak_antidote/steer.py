@@ -1,8 +1,14 @@
 """Run-time application: add alpha * (sparse vector) to the output of selected decoder blocks.
 
-Every non-padding position is steered, prompt and generated tokens alike, with the KV cache on: the
-cached keys/values of earlier positions were computed from steered states, so they stay consistent.
+Which positions are steered is a policy (`POSITIONS`): "all" (the paper: prompt and generated tokens alike),
+"prompt" (the prefill only, as AlphaSteer, AdaSteer and CAST do: generated tokens attend to the steered
+prompt's keys/values but are not steered themselves) or "generated" (only the tokens the model writes).
+The KV cache stays on: cached keys/values were computed from the states as steered under the policy.
 Padding is found from the attention mask that the decoder stack receives (captured by a pre-hook).
+
+An input-dependent antidote (method null_space) also has a readout per layer: the vector added at block l
+is alpha * (h_l . w_l) * v_l, where h_l is block l's output at the prompt's last token (read in the prefill,
+kept for the generated tokens), so it is near zero for prompts like the benign ones it was fitted on.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ from .blocks import find_decoder
 from .errors import InvalidParameter
 
 Alpha = float | int | torch.Tensor
-MODES = ("fixed", "gated", "scaled")
+MODES = ("fixed", "gated", "scaled", "monitor")
+POSITIONS = ("all", "prompt", "generated")
+
+
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise InvalidParameter(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    return positions
 
 
 @dataclass
@@ -34,6 +47,12 @@ class Gate:
     only at the blocks after `layer`; generated tokens are steered at every selected block. In the fixed
     mode (the paper) every block is steered as without a gate, and the score is only reported (it is then
     read from an already steered state).
+
+    "monitor" is the gated mode plus an output monitor: the probe also reads each generated token's state at
+    block `layer` during decoding (no extra pass), and a row whose prompt did not open the gate is steered
+    from the first generated token whose p reaches `threshold` on (from the blocks after `layer` for that
+    token, every selected block afterwards): attacks whose harm shows only in the answer (nesting, payload
+    splitting, style and prefix injection) are caught as the answer turns harmful.
     """
 
     layer: int
@@ -48,7 +67,7 @@ class Gate:
             raise InvalidParameter(f"threshold must be in [0, 1], got {self.threshold!r}")
 
     def factor(self, probability: torch.Tensor) -> torch.Tensor:
-        if self.mode == "gated":
+        if self.mode in ("gated", "monitor"):
             return (probability >= self.threshold).float()
         if self.mode == "scaled":
             return probability.float()
@@ -94,24 +113,41 @@ class Steering:
     """Hooks that steer `model` with `vectors` ({block index: vector}) at strength `alpha`.
 
     Use as a context manager (hooks are removed on exit, also after an exception) or call `remove()`.
-    `set_alpha` changes the strength between forward passes without touching the hooks.
+    `set_alpha` changes the strength between forward passes without touching the hooks. `positions` is the
+    policy of the module docstring; `readouts` ({block index: vector [hidden]}) makes the strength at each
+    block input-dependent (method null_space).
     """
 
     def __init__(
-        self, model: nn.Module, vectors: Mapping[int, torch.Tensor], alpha: Alpha = 1.0, gate: Gate | None = None
+        self,
+        model: nn.Module,
+        vectors: Mapping[int, torch.Tensor],
+        alpha: Alpha = 1.0,
+        gate: Gate | None = None,
+        positions: str = "all",
+        readouts: Mapping[int, torch.Tensor] | None = None,
     ):
         stack, blocks = find_decoder(model)
         bad = [layer for layer in vectors if not 0 <= layer < len(blocks)]
         if bad:
             raise InvalidParameter(f"layers {bad} do not exist; the model has {len(blocks)} decoder blocks")
+        self.positions = check_positions(positions)
         param = next(blocks[0].parameters())
         self._vectors = {layer: v.to(device=param.device, dtype=param.dtype) for layer, v in vectors.items()}
+        if readouts is not None and set(readouts) != set(vectors):
+            raise InvalidParameter("readouts must cover exactly the steered layers")
+        self._readouts = {
+            layer: w.to(device=param.device, dtype=torch.float32) for layer, w in (readouts or {}).items()
+        }
+        self.readout_scores: dict[int, torch.Tensor] = {}  # per layer: h . w at each row's last prompt token
+        self._prefill = True  # whether the current forward call reads a prompt (more than one new position)
         self._mask: torch.Tensor | None = None
         self._scale: float | torch.Tensor | None = None  # per forward call: alpha times non-padding mask
         self._deltas: dict[int, torch.Tensor] = {}
         self.gate = gate
         self.scores: torch.Tensor | None = None  # the gate's p(harmful) per row, from the last prompt pass
         self._factor: torch.Tensor | None = None  # the gate's per-row multiplier; None until the probe ran
+        self.triggered: torch.Tensor | None = None  # monitor mode: rows the output monitor opened
         self.set_alpha(alpha)
         self._handles = [stack.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
         if gate is not None:  # registered first: it reads block `gate.layer` before that block is steered
@@ -137,23 +173,35 @@ class Steering:
             self._factor = self._factor[index.to(self._factor.device)]
         if self.scores is not None:
             self.scores = self.scores[index.cpu()]
+        if self.triggered is not None:
+            self.triggered = self.triggered[index.cpu()]
+        self.readout_scores = {layer: s[index.to(s.device)] for layer, s in self.readout_scores.items()}
 
     def _capture_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._mask = _attention_mask(args, kwargs)
         self._scale = None
-        if self.gate is not None and _input_length(args, kwargs) > 1:  # a new prompt: its score is not known yet
+        self._prefill = _input_length(args, kwargs) > 1
+        if self.gate is not None and self._prefill:  # a new prompt: its score is not known yet
             self._factor = None
 
     def _probe_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         hidden = block_output(output)
+        assert self.gate is not None
+        if self.gate.mode == "monitor" and self._factor is not None and not self._prefill:
+            opened = self.gate.factor(self.gate.probability(hidden, None).float()).to(self._factor.device)
+            if bool((opened > self._factor).any()):
+                self.triggered = self.triggered | (opened > self._factor).cpu()
+                self._factor = torch.maximum(self._factor, opened)
+                self._scale = None  # the rest of this token's pass is steered for the rows that just opened
+            return
         if self._factor is not None or hidden.shape[1] <= 1:
             return
-        assert self.gate is not None
         mask = self._mask
         if mask is not None and (mask.shape[0] != hidden.shape[0] or mask.shape[1] < hidden.shape[1]):
             mask = None  # not this call's mask
         self.scores = self.gate.probability(hidden, None if mask is None else mask[:, -hidden.shape[1] :]).float()
         self._factor = self.gate.factor(self.scores).to(hidden.device)
+        self.triggered = torch.zeros(len(self.scores), dtype=torch.bool)
         self._scale = None  # the rest of this pass is steered with the gated strength
 
     def _scale_for(self, hidden: torch.Tensor) -> float | torch.Tensor:
@@ -176,14 +224,29 @@ class Steering:
         weights = mask.to(hidden.dtype) if mask is not None else hidden.new_ones(batch, length)
         return (weights * rows).to(hidden.dtype).unsqueeze(-1)
 
+    def _read(self, layer: int, readout: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep h . w at each row's last prompt token (left padding: position -1), read in the prefill; with
+        no prefill seen for these rows, read at the current token."""
+        known = self.readout_scores.get(layer)
+        if self._prefill or known is None or known.shape[0] != hidden.shape[0]:
+            self.readout_scores[layer] = hidden[:, -1, :].float() @ readout
+
     def _hook(self, layer: int):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden = block_output(output)
+            readout = self._readouts.get(layer)
+            if readout is not None:
+                self._read(layer, readout, hidden)
+            if self.positions == ("generated" if self._prefill else "prompt"):
+                return output
             if self.gate is not None and self._factor is None and self.gate.mode != "fixed":
                 return output  # prompt blocks before the probe: strength not known yet
             if self._scale is None:
                 self._scale = self._scale_for(hidden)
-            if isinstance(self._scale, float):
+            if readout is not None:
+                per_row = self.readout_scores[layer].to(hidden.dtype).view(-1, 1, 1)
+                steered = hidden + per_row * self._scale * self._vectors[layer]
+            elif isinstance(self._scale, float):
                 steered = hidden + self._deltas[layer]
             else:
                 steered = hidden + self._scale * self._vectors[layer]

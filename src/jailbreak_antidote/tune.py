@@ -1,13 +1,15 @@
-"""`antidote tune`: pick mode, alpha and threshold for the operator.
+"""`antidote tune`: pick mode, alpha, threshold and positions policy for the operator.
 
 Maximise the refusal rate on harmful prompts (direct and wrapped in the harm probe's *training* templates,
 so the held-out templates stay unseen for evaluation) subject to a benign over-refusal budget: at most
 `budget` more benign refusals than alpha 0, on a held-out benign set. Refusal is the keyword judge on a
 short generation.
 
-Cost: per alpha, one generation of every prompt for the fixed mode, one for the scaled mode and one with
-the gate open; the gated mode at any threshold needs no more, since a gated prompt behaves like the open
-gate when its harm probability reaches the threshold and like alpha 0 otherwise.
+Cost: per alpha and positions policy, one generation of every prompt for the fixed mode, one for the scaled
+mode and one with the gate open; the gated mode at any threshold needs no more, since a gated prompt behaves
+like the open gate when its harm probability reaches the threshold and like alpha 0 otherwise. The monitor
+mode (gated plus the output monitor) costs one generation per threshold, since its trigger depends on the
+answer.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from .eval.judges import is_refusal
 from .generate import generate_answers
 from .probe import TRAIN_ATTACKS
 from .prompts import builtin_calibration, builtin_prompts
+from .steer import check_positions
 
 FACTORS = (0.5, 1.0, 1.5, 2.0)
+POLICIES = ("all",)  # the paper's; `--positions all,prompt` also tries the prefill-only policy
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+MONITOR_THRESHOLDS = (0.5,)  # each costs a generation per alpha and policy
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,11 @@ class Point:
     threshold: float | None
     harmful_refusal: float
     benign_refusal: float
+    positions: str = "all"
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "mode": self.mode, "alpha": self.alpha, "threshold": self.threshold,
+            "mode": self.mode, "alpha": self.alpha, "threshold": self.threshold, "positions": self.positions,
             "harmful_refusal": round(self.harmful_refusal, 4), "benign_refusal": round(self.benign_refusal, 4),
         }  # fmt: skip
 
@@ -77,12 +83,19 @@ def tune(
     budget: float = 0.05,
     factors: Sequence[float] = FACTORS,
     thresholds: Sequence[float] = THRESHOLDS,
+    policies: Sequence[str] = POLICIES,
+    monitor_thresholds: Sequence[float] = MONITOR_THRESHOLDS,
     max_new_tokens: int = 16,
     batch_size: int = 16,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """The chosen point and the whole curve; does not modify the antidote (see `Antidote.with_default`)."""
+    """The chosen point and the whole curve; does not modify the antidote (see `Antidote.with_default`).
+    `policies`: the positions policies tried (steer.POSITIONS)."""
     budget = check_budget(budget)
+    for policy in policies:
+        check_positions(policy)
+    if not policies:
+        raise InvalidParameter("no positions policy to tune; give at least one (all, prompt or generated)")
     harmful = list(harmful) if harmful is not None else default_harmful()
     benign = list(benign) if benign is not None else builtin_prompts("tune-benign")
     if len(benign) < needed_benign(budget):
@@ -95,29 +108,35 @@ def tune(
     prompts = harmful + benign
     n_harmful = len(harmful)
 
-    def refusals(alpha: float, mode: str, threshold: float = 0.5) -> tuple[list[bool], list[float | None]]:
+    def refusals(
+        alpha: float, mode: str, threshold: float = 0.5, positions: str = "all"
+    ) -> tuple[list[bool], list[float | None]]:
         answers = generate_answers(
             model, tokenizer, prompts, antidote=antidote, alphas=alpha, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, mode=mode, threshold=threshold, show_progress=show_progress,
+            batch_size=batch_size, mode=mode, threshold=threshold, positions=positions, show_progress=show_progress,
         )  # fmt: skip
         return [is_refusal(a.text) for a in answers], [a.harm_score for a in answers]
 
-    def point(mode: str, alpha: float, threshold: float | None, refused: Sequence[bool]) -> Point:
+    def point(mode: str, alpha: float, threshold: float | None, refused: Sequence[bool], positions: str) -> Point:
         return Point(mode, alpha, threshold, sum(refused[:n_harmful]) / n_harmful,
-                     sum(refused[n_harmful:]) / len(benign))  # fmt: skip
+                     sum(refused[n_harmful:]) / len(benign), positions)  # fmt: skip
 
     base, _ = refusals(0.0, "fixed")
-    curve = [point("fixed", 0.0, None, base)]
+    curve = [point("fixed", 0.0, None, base, "all")]
     adaptive = antidote.probe is not None
     for factor in factors:
         alpha = round(factor * antidote.suggested_alpha, 4)
-        curve.append(point("fixed", alpha, None, refusals(alpha, "fixed")[0]))
-        if adaptive:
-            curve.append(point("scaled", alpha, None, refusals(alpha, "scaled")[0]))
-            opened, gate_scores = refusals(alpha, "gated", 0.0)
-            for threshold in thresholds:
-                mixed = [o if (s or 0) >= threshold else b for o, b, s in zip(opened, base, gate_scores)]
-                curve.append(point("gated", alpha, threshold, mixed))
+        for policy in dict.fromkeys(policies):
+            curve.append(point("fixed", alpha, None, refusals(alpha, "fixed", positions=policy)[0], policy))
+            if adaptive:
+                curve.append(point("scaled", alpha, None, refusals(alpha, "scaled", positions=policy)[0], policy))
+                opened, gate_scores = refusals(alpha, "gated", 0.0, positions=policy)
+                for threshold in thresholds:
+                    mixed = [o if (s or 0) >= threshold else b for o, b, s in zip(opened, base, gate_scores)]
+                    curve.append(point("gated", alpha, threshold, mixed, policy))
+                for threshold in monitor_thresholds:  # the monitor's trigger depends on the answer: one run each
+                    watched = refusals(alpha, "monitor", threshold, positions=policy)[0]
+                    curve.append(point("monitor", alpha, threshold, watched, policy))
     limit = curve[0].benign_refusal + budget
     feasible = [p for p in curve if p.benign_refusal <= limit + 1e-9]
     best = max(feasible, key=lambda p: (p.harmful_refusal, -p.benign_refusal, -p.alpha))

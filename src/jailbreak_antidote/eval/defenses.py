@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +20,7 @@ from ..context import check_batch, context_length, prompt_names
 from ..errors import InvalidParameter
 from ..generate import Sampling, generate_answers
 from ..models import Chat, prompt_token_ids, render_prompt, with_positions
+from ..steer import check_positions
 from .judges import is_refusal
 
 SELF_REMINDER_SYSTEM = (
@@ -53,10 +55,50 @@ DEFENSES = (
     "dense-antidote",
     "antidote-gated",
     "antidote-scaled",
+    "antidote-monitor",
 )
-STEERED = {"antidote", "antidote+self-reminder", "dense-antidote", "antidote-gated", "antidote-scaled"}
+STEERED = {"antidote", "antidote+self-reminder", "dense-antidote", "antidote-gated", "antidote-scaled",
+           "antidote-monitor"}  # fmt: skip
 # The adaptive defenses: the antidote's strength set per prompt by its harm probe (`antidote probe`).
-MODE_OF = {"antidote-gated": "gated", "antidote-scaled": "scaled"}
+MODE_OF = {"antidote-gated": "gated", "antidote-scaled": "scaled", "antidote-monitor": "monitor"}
+# A steered defense may name its positions policy: "antidote@prompt", "antidote-gated@generated"; without
+# one it steers every position (the paper).
+POSITION_SEPARATOR = "@"
+
+
+def split_defense(name: str) -> tuple[str, str]:
+    """("antidote-gated", "prompt") for "antidote-gated@prompt"; InvalidParameter for an unknown defense or
+    policy, or a policy on a defense that does not steer."""
+    base, _, positions = name.partition(POSITION_SEPARATOR)
+    if base not in DEFENSES:
+        raise InvalidParameter(f"unknown defense {name!r}; defenses are: {', '.join(DEFENSES)} (steered ones may "
+                               f"end in @prompt or @generated)")  # fmt: skip
+    if positions and base not in STEERED:
+        raise InvalidParameter(f"defense {name!r}: only the steered defenses ({', '.join(sorted(STEERED))}) take "
+                               "a positions policy")  # fmt: skip
+    return base, check_positions(positions or "all")
+
+
+def is_steered(name: str) -> bool:
+    return split_defense(name)[0] in STEERED
+
+
+def mode_of(name: str) -> str:
+    return MODE_OF.get(split_defense(name)[0], "fixed")
+
+
+def positions_of(name: str) -> str:
+    return split_defense(name)[1]
+
+
+def _answer_details(answer: Any) -> dict[str, object]:
+    """What a steered answer adds to its row: the prompt's harm score, whether the output monitor fired."""
+    details: dict[str, object] = {}
+    if answer.harm_score is not None:
+        details["harm_score"] = answer.harm_score
+    if answer.monitor_triggered is not None:
+        details["monitor_triggered"] = answer.monitor_triggered
+    return details
 
 
 @dataclass(frozen=True)
@@ -72,7 +114,7 @@ class Setting:
         return (self.defense, self.alpha, self.k, self.selector)
 
     def label(self) -> str:
-        if self.defense not in STEERED:
+        if not is_steered(self.defense):
             return self.defense
         return f"{self.defense} a={self.alpha:g} k={self.k:g}{'' if self.selector == 'top' else ' random'}"
 
@@ -102,9 +144,8 @@ class DefenseRunner:
     _perplexity_threshold: float | None = None
 
     def run(self, setting: Setting, prompts: Sequence[str]) -> list[Outcome]:
-        if setting.defense not in DEFENSES:
-            raise InvalidParameter(f"unknown defense {setting.defense!r}; defenses are: {', '.join(DEFENSES)}")
-        method = getattr(self, "_" + setting.defense.replace("+", "_").replace("-", "_"))
+        base, _positions = split_defense(setting.defense)
+        method = getattr(self, "_" + base.replace("+", "_").replace("-", "_"))
         return method(setting, list(prompts))
 
     # ----- helpers ------------------------------------------------------------------------------------
@@ -113,20 +154,22 @@ class DefenseRunner:
 
     def _answers(self, chats: Sequence[Chat], setting: Setting | None = None):
         antidote = self.steering_antidote(setting) if setting is not None else None
-        mode = MODE_OF.get(setting.defense, "fixed") if setting is not None else "fixed"
+        mode = mode_of(setting.defense) if setting is not None else "fixed"
+        positions = positions_of(setting.defense) if setting is not None else "all"
         return generate_answers(
             self.model, self.tokenizer, chats, antidote=antidote,
             alphas=setting.alpha if antidote is not None else None,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, sampling=self.sampling, mode=mode,
-            threshold=self.threshold,
+            threshold=self.threshold, positions=positions,
         )  # fmt: skip
 
     def steering_antidote(self, setting: Setting) -> Antidote | None:
-        if setting.defense not in STEERED:
+        if not is_steered(setting.defense):
             return None
         if self.antidote is None:
             raise InvalidParameter(f"defense {setting.defense!r} needs an antidote (--antidote PATH)")
-        k = 1.0 if setting.defense == "dense-antidote" else (self.antidote.k if setting.k is None else setting.k)
+        dense = split_defense(setting.defense)[0] == "dense-antidote"
+        k = 1.0 if dense else (self.antidote.k if setting.k is None else setting.k)
         if k == self.antidote.k and setting.selector == self.antidote.selector:
             return self.antidote
         return self.antidote.with_k(k, setting.selector)
@@ -167,11 +210,12 @@ class DefenseRunner:
 
     def _antidote(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         answers = self._answers(prompts, setting)
-        return [Outcome(a.text, details={} if a.harm_score is None else {"harm_score": a.harm_score}) for a in answers]
+        return [Outcome(a.text, details=_answer_details(a)) for a in answers]
 
     _dense_antidote = _antidote
     _antidote_gated = _antidote
     _antidote_scaled = _antidote
+    _antidote_monitor = _antidote
 
     def _antidote_self_reminder(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         return self._rewritten(setting, prompts, steered=True)
@@ -289,9 +333,8 @@ def build_settings(
     defenses: Sequence[str], alphas: Sequence[float], ks: Sequence[float], selectors: Sequence[str]
 ) -> list[Setting]:
     """Every steered defense at every (alpha, k, selector); every other defense once."""
-    unknown = [d for d in defenses if d not in DEFENSES]
-    if unknown:
-        raise InvalidParameter(f"unknown defense(s) {', '.join(unknown)}; defenses are: {', '.join(DEFENSES)}")
+    for defense in defenses:
+        split_defense(defense)
     for k in ks:
         check_k(k)
     bad = [s for s in selectors if s not in SELECTORS]
@@ -299,9 +342,9 @@ def build_settings(
         raise InvalidParameter(f"unknown selector(s) {', '.join(bad)}; selectors are: {', '.join(SELECTORS)}")
     settings: list[Setting] = []
     for defense in dict.fromkeys(defenses):
-        if defense not in STEERED:
+        if not is_steered(defense):
             settings.append(Setting(defense))
-        elif defense == "dense-antidote":
+        elif split_defense(defense)[0] == "dense-antidote":
             settings += [Setting(defense, alpha, 1.0, "top") for alpha in alphas]
         else:
             # At k = 1 every selector keeps every coordinate: one setting, not one per selector.

@@ -32,7 +32,7 @@ from ..errors import InvalidParameter
 from ..models import prompt_token_ids
 from ..textfiles import jsonl_lines, jsonl_text, read_json_object, write_text_atomic
 from .attacks import AttackPrompt
-from .defenses import MODE_OF, STEERED, DefenseRunner, Setting
+from .defenses import DefenseRunner, Setting, is_steered, mode_of, positions_of
 from .judges import is_refusal
 
 CONFIG_FILE = "config.json"
@@ -203,7 +203,7 @@ class Evaluation:
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
     def setting_fields(self, setting: Setting) -> dict[str, Any]:
-        steered = setting.defense in STEERED
+        steered = is_steered(setting.defense)
         k = (1.0 if setting.defense == "dense-antidote" else setting.k) if steered else None
         return {
             "defense": setting.defense,
@@ -308,10 +308,12 @@ class Evaluation:
             baseline.update({p: o.response for p, o in zip(prompts, answers)})
         for setting in self.settings:
             fields = self.setting_fields(setting)
-            if setting.defense not in STEERED or metrics.key(fields) in metrics.keys:
+            if not is_steered(setting.defense) or metrics.key(fields) in metrics.keys:
                 continue
+            if positions_of(setting.defense) != "all":
+                continue  # teacher-forced answers are one forward pass: prompt and answer positions not told apart
             antidote = runner.steering_antidote(setting)
-            gate = {"mode": MODE_OF.get(setting.defense, "fixed"), "threshold": runner.threshold}
+            gate = {"mode": mode_of(setting.defense), "threshold": runner.threshold}
             metrics.append(
                 [
                     {

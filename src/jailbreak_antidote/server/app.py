@@ -49,6 +49,7 @@ class ServerConfig:
     default_alpha: float = 0.0
     default_mode: str = "fixed"
     default_threshold: float = 0.5
+    default_positions: str = "all"
     alpha_min: float = 0.0
     alpha_max: float = 0.0
     api_key: str | None = None
@@ -161,6 +162,7 @@ def create_app(
             card["antidote"] = {
                 "default_alpha": config.default_alpha, "alpha_range": [config.alpha_min, config.alpha_max],
                 "default_mode": config.default_mode, "default_threshold": config.default_threshold,
+                "default_positions": config.default_positions, "method": antidote.method,
                 "harm_probe": antidote.probe is not None, "layers": len(antidote.layers), "k": antidote.k,
             }  # fmt: skip
         return {"object": "list", "data": [card]}
@@ -204,6 +206,10 @@ def create_app(
         alpha = options.alpha if options and options.alpha is not None else config.default_alpha
         mode = options.mode if options and options.mode is not None else config.default_mode
         threshold = options.threshold if options and options.threshold is not None else config.default_threshold
+        positions = options.positions if options and options.positions is not None else config.default_positions
+        if positions != "all" and on_llamacpp:
+            raise ApiError(400, f"antidote.positions {positions!r} needs the transformers backend (a llama.cpp "
+                           "control vector steers every position); use 'all'", "antidote.positions")  # fmt: skip
         if mode != "fixed" and (antidote is None or antidote.probe is None or on_llamacpp):
             raise ApiError(400, f"antidote.mode {mode!r} needs an antidote with a harm probe (`antidote probe`) on "
                            "the transformers backend; use mode 'fixed'", "antidote.mode")  # fmt: skip
@@ -229,7 +235,7 @@ def create_app(
         return GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens, alpha=float(alpha), temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, mode=mode,
-            threshold=threshold,
+            threshold=threshold, positions=positions,
         )  # fmt: skip
 
     async def _stream(events: asyncio.Queue, record: _Record) -> AsyncIterator[str]:

@@ -58,6 +58,7 @@ class GenerationRequest:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     mode: str = "fixed"  # fixed | gated | scaled (needs the antidote's harm probe)
     threshold: float = 0.5
+    positions: str = "all"  # all | prompt | generated (steer.POSITIONS)
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -201,7 +202,8 @@ class BatchEngine:
 
     # ----- worker ---------------------------------------------------------------------------------
     def _next_batch(self) -> list[GenerationRequest]:
-        """Requests that can share a batch: same gate (mode and threshold); others wait for the next one."""
+        """Requests that can share a batch: same gate (mode, threshold) and positions policy; others wait for
+        the next one."""
         if self._held:
             first = self._held.pop(0)
         else:
@@ -209,19 +211,17 @@ class BatchEngine:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 return []
-        gate = (first.mode, first.threshold)
+        gate = _batch_key(first)
         batch, others = [first], []
         for request in self._held:
-            (batch if (request.mode, request.threshold) == gate and len(batch) < self.max_batch else others).append(
-                request
-            )
+            (batch if _batch_key(request) == gate and len(batch) < self.max_batch else others).append(request)
         deadline = time.monotonic() + self.batch_wait_s
         while len(batch) < self.max_batch:
             try:
                 request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (batch if (request.mode, request.threshold) == gate else others).append(request)
+            (batch if _batch_key(request) == gate else others).append(request)
         self._held = others
         return [r for r in batch if not r.cancelled.is_set()]
 
@@ -251,7 +251,8 @@ class BatchEngine:
         # Steer when some row has alpha; with a harm probe always (alpha-0 rows are untouched: + 0 * v).
         if self.antidote is not None and (bool((alphas != 0).any()) or self.antidote.probe is not None):
             gate = self.antidote.gate(requests[0].mode, requests[0].threshold)
-            steering = Steering(self.model, self.antidote.vectors(), _alpha_argument(alphas), gate=gate)
+            steering = Steering(self.model, self.antidote.vectors(), _alpha_argument(alphas), gate=gate,
+                                positions=requests[0].positions, readouts=self.antidote.readout_vectors())  # fmt: skip
         try:
             self._decode(rows, ids, mask, alphas, steering)
         finally:
@@ -297,6 +298,10 @@ class BatchEngine:
             ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
+
+
+def _batch_key(request: GenerationRequest) -> tuple[str, float, str]:
+    return (request.mode, request.threshold, request.positions)
 
 
 def _alpha_argument(alphas: torch.Tensor) -> float | torch.Tensor:

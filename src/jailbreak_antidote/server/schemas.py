@@ -185,8 +185,13 @@ class ChatMessage(_Strict):
 
 class AntidoteOptions(_Strict):
     alpha: Number | None = Field(default=None, allow_inf_nan=False, description="Steering strength for this request")
-    mode: Literal["fixed", "gated", "scaled"] | None = Field(default=None, description="How the harm probe sets it")
+    mode: Literal["fixed", "gated", "scaled", "monitor"] | None = Field(
+        default=None, description="How the harm probe sets it"
+    )
     threshold: Number | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Gated mode")
+    positions: Literal["all", "prompt", "generated"] | None = Field(
+        default=None, description="Which positions are steered: all (the paper), prompt (the prefill) or generated"
+    )
 
 
 class StreamOptions(_Strict):
