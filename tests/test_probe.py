@@ -128,6 +128,29 @@ def test_probe_cli_adds_a_probe(tmp_path):
     assert summary["probe"]["validation_auroc"] >= 0
     result = runner.invoke(app, ["probe", str(artifact), "-m", str(model), "--harmful", str(tmp_path / "h.txt")])
     assert result.exit_code == 2 and "both --harmful and --harmless" in result.output
+    # --from: another fit method on the same model takes the same probe, no model loaded; wrong inputs refused.
+    other = tmp_path / "mean_diff.antidote"
+    assert (
+        runner.invoke(app, ["fit", "-m", str(model), *files, "--method", "mean_diff", "--out", str(other)]).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app, ["probe", str(other), "--from", str(artifact), "--out", str(tmp_path / "gated.antidote")]
+    )
+    assert result.exit_code == 0, result.output
+    copied = Antidote.load(tmp_path / "gated.antidote")
+    assert copied.method == "mean_diff" and copied.probe is not None
+    torch.testing.assert_close(copied.probe.weight, Antidote.load(artifact).probe.weight)
+    result = runner.invoke(app, ["probe", str(other), "--from", str(other)])
+    assert result.exit_code == 2 and "has no harm probe" in result.output
+    result = runner.invoke(app, ["probe", str(other), "--from", str(artifact), "--layer", "1"])
+    assert result.exit_code == 2 and "drop --harmful, --harmless and --layer" in result.output
+    alien = Antidote.load(other)
+    alien.model = {**alien.model, "hidden_size": alien.model["hidden_size"] * 2}
+    alien.save(tmp_path / "alien.antidote")
+    result = runner.invoke(app, ["probe", str(tmp_path / "alien.antidote"), "--from", str(artifact)])
+    assert result.exit_code == 2 and "a probe only serves its own model" in result.output
+    assert Antidote.load(tmp_path / "alien.antidote").probe is None
 
 
 def test_generate_reports_harm_scores_and_gates_by_them(qwen2, tokenizer, qwen2_antidote):

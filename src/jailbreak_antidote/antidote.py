@@ -189,6 +189,23 @@ class Antidote:
         provenance.setdefault("derived", []).append(op)
         return replace(self, layers=list(layers), directions=directions, masks=masks, provenance=provenance)
 
+    def probe_for(self, other: Antidote) -> HarmProbe:
+        """This artifact's harm probe, for `other` (an antidote of another fit method on the same model). The
+        probe reads the unsteered model's states, so it does not depend on the direction.
+
+        Raises InvalidParameter if this artifact has no probe, ArtifactMismatch if the two were fitted on
+        different models (name, size or weights)."""
+        if self.probe is None:
+            raise InvalidParameter("the --from antidote has no harm probe; add one with `antidote probe FILE`")
+        keys = ("name", "hidden_size", "num_layers", "weights_probe")
+        mine, theirs = ({k: a.model.get(k) for k in keys} for a in (self, other))
+        if mine != theirs:
+            raise ArtifactMismatch(
+                f"the --from antidote was fitted on {mine['name'] or 'another model'}, this one on "
+                f"{theirs['name'] or 'another model'} (or on other weights); a probe only serves its own model"
+            )
+        return self.probe
+
     # ----- application ----------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
         """Raise ArtifactMismatch unless `model` is the model this antidote was fitted on."""

@@ -40,9 +40,18 @@ def probe(
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write here instead of updating the file in place")
     ] = None,
+    from_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Copy the harm probe of this .antidote (fitted on the same model) instead of training one: "
+            "the probe reads the unsteered model, so one probe serves every fit method",
+        ),
+    ] = None,
 ) -> None:
     """Train a harm probe on template-augmented calibration pairs, choose its layer by AUROC on held-out goals
-    wrapped in held-out attack templates, calibrate it, and store it in the artifact."""
+    wrapped in held-out attack templates, calibrate it, and store it in the artifact (or, with --from, copy
+    another artifact's probe)."""
     from .antidote import Antidote
     from .cli import _check
     from .probe import fit_probe
@@ -53,6 +62,13 @@ def probe(
     if (harmful is None) != (harmless is None):
         raise InvalidParameter("give both --harmful and --harmless, or neither (to use the built-in set)")
     antidote = Antidote.load(antidote_path)
+    if from_path is not None:
+        if harmful is not None or harmless is not None or layer:
+            raise InvalidParameter("--from copies a trained probe: drop --harmful, --harmless and --layer")
+        antidote.probe = Antidote.load(from_path).probe_for(antidote)
+        path = antidote.save(out_path or antidote_path)
+        out.print(f"saved {path} (probe on block {antidote.probe.layer}, copied from {from_path})")
+        return
     if harmful is not None and harmless is not None:
         positives, negatives = read_prompts(harmful), read_prompts(harmless)
     else:
