@@ -211,7 +211,12 @@ class Antidote:
         """Raise ArtifactMismatch unless `model` is the model this antidote was fitted on."""
         from .models import model_identity_light
 
-        here = model_identity_light(model)
+        self.check_identity(model_identity_light(model))
+
+    def check_identity(self, here: dict[str, Any]) -> None:
+        """Raise ArtifactMismatch unless `here` (models.model_identity_light of a model, or the same fields read
+        another way, as the vLLM plugin does from the checkpoint files) is the model this antidote was fitted
+        on: hidden size, number of blocks and, with a tolerance, a few weights."""
         expected = self.model
         fix = "fit an antidote for this model (`antidote fit --model ...`) or load the model it was fitted on"
         for key in ("hidden_size", "num_layers"):

@@ -198,11 +198,14 @@ def _probe_tensors(model: PreTrainedModel) -> list[torch.Tensor]:
     return [model.get_input_embeddings().weight, last_block_matrix]
 
 
-def weights_probe(model: PreTrainedModel, per_tensor: int = 32) -> list[float]:
-    """A few weights at fixed, evenly spaced positions. Compared with a tolerance, so a bfloat16 load
-    of the same weights still matches while a different model does not."""
+def weights_probe(
+    model: PreTrainedModel | None, per_tensor: int = 32, tensors: list[torch.Tensor] | None = None
+) -> list[float]:
+    """A few weights at fixed, evenly spaced positions of `model`'s probe tensors (or of `tensors`, the same
+    tensors read from a checkpoint). Compared with a tolerance, so a bfloat16 load of the same weights still
+    matches while a different model does not."""
     values: list[float] = []
-    for weight in _probe_tensors(model):
+    for weight in tensors if tensors is not None else _probe_tensors(model):
         flat = weight.detach().reshape(-1)
         index = (torch.arange(per_tensor) * (flat.numel() - 1) // (per_tensor - 1)).to(flat.device)
         values += flat[index].float().cpu().tolist()

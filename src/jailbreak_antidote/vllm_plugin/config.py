@@ -1,0 +1,143 @@
+"""The vLLM plugin's settings: which antidote, its default strength and allowed range (from the environment),
+and each request's own setting (from `SamplingParams.extra_args`, or `vllm_xargs` over HTTP).
+
+Pure Python: read in every vLLM process (front end, engine core, workers) and tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidParameter
+from ..steer import MODES, POSITIONS
+
+ENV_ANTIDOTE = "JAILBREAK_ANTIDOTE_VLLM"
+ENV_ALPHA = "JAILBREAK_ANTIDOTE_VLLM_ALPHA"
+ENV_ALPHA_MIN = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MIN"
+ENV_ALPHA_MAX = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"
+ENV_POSITIONS = "JAILBREAK_ANTIDOTE_VLLM_POSITIONS"
+
+# Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
+FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions")
+# Modes this version of the plugin applies; the probe-read modes need a per-request probe inside the engine's
+# flattened batch, which is not built yet (use `antidote serve` for them).
+PLUGIN_MODES = ("fixed",)
+POSITIONS_CODE = {name: code for code, name in enumerate(POSITIONS)}  # the runner's per-request policy array
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One request's steering: strength alpha (0 = the unmodified model, bit for bit) and positions policy."""
+
+    alpha: float
+    positions: str = "all"
+    mode: str = "fixed"
+
+    @property
+    def steered(self) -> bool:
+        return self.alpha != 0.0
+
+    def cache_salt(self) -> str:
+        """What keeps prefix-cache blocks computed under this setting from serving another setting."""
+        return f"antidote:{self.mode}:{self.alpha!r}:{self.positions}"
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The served antidote and the strengths requests may ask for."""
+
+    path: Path
+    default: Setting
+    alpha_min: float
+    alpha_max: float
+
+    def setting(self, extra_args: dict[str, Any] | None) -> Setting:
+        """The setting of a request with these extra_args; absent fields take the defaults.
+
+        Raises InvalidParameter (one line naming the field and the fix) for an unknown antidote_* field, a
+        value of the wrong type, an alpha outside [alpha_min, alpha_max], or a mode or policy not served."""
+        given = {k: v for k, v in (extra_args or {}).items() if k.startswith("antidote")}
+        unknown = sorted(set(given) - set(FIELDS))
+        if unknown:
+            raise InvalidParameter(f"unknown request field {unknown[0]!r}; the antidote fields are {', '.join(FIELDS)}")
+        alpha = self.default.alpha
+        if "antidote_alpha" in given:
+            alpha = _number(given["antidote_alpha"], "antidote_alpha")
+            if not self.alpha_min <= alpha <= self.alpha_max:
+                raise InvalidParameter(
+                    f"antidote_alpha {alpha:g} is outside the allowed range [{self.alpha_min:g}, {self.alpha_max:g}]"
+                )
+        mode = str(given.get("antidote_mode", self.default.mode))
+        if mode not in MODES:
+            raise InvalidParameter(f"antidote_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in PLUGIN_MODES:
+            raise InvalidParameter(
+                f"antidote_mode {mode!r} is not applied by the vLLM plugin yet (it applies {', '.join(PLUGIN_MODES)}); "
+                "serve the probe-read modes with `antidote serve`"
+            )
+        if "antidote_threshold" in given:
+            _number(given["antidote_threshold"], "antidote_threshold")  # checked, then unused by the fixed mode
+        positions = str(given.get("antidote_positions", self.default.positions))
+        if positions not in POSITIONS:
+            raise InvalidParameter(f"antidote_positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        return Setting(alpha=alpha, positions=positions, mode=mode)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidParameter(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidParameter(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _env_number(name: str) -> float | None:
+    raw = os.environ.get(name)
+    return None if raw in (None, "") else _number(raw, name)
+
+
+def config_from_environment() -> PluginConfig | None:
+    """The plugin's configuration from the environment, or None when JAILBREAK_ANTIDOTE_VLLM is unset (the
+    plugin then does nothing). Cached per process.
+
+    Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
+    the range, or an artifact this plugin cannot apply (input-dependent readouts, a probe-read tuned mode)."""
+    return _config(os.environ.get(ENV_ANTIDOTE) or None, os.environ.get(ENV_ALPHA), os.environ.get(ENV_ALPHA_MIN),
+                   os.environ.get(ENV_ALPHA_MAX), os.environ.get(ENV_POSITIONS))  # fmt: skip
+
+
+@cache
+def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
+    if path is None:
+        return None
+    from ..antidote import Antidote
+    from ..cli_serve import strength_defaults
+
+    antidote = Antidote.load(path)
+    if antidote.readout_vectors() is not None:
+        raise InvalidParameter(
+            f"{path} is an input-dependent antidote (method {antidote.method}); the vLLM plugin applies fixed "
+            "directions only so far: serve it with `antidote serve`, or fit --method pca / mean_diff / jailbreak_diff"
+        )
+    alpha = _env_number(ENV_ALPHA)
+    low = _env_number(ENV_ALPHA_MIN)
+    default, low, high = strength_defaults(antidote, alpha, 0.0 if low is None else low, _env_number(ENV_ALPHA_MAX))
+    mode, _threshold = antidote.default_mode
+    if alpha is None and mode not in PLUGIN_MODES:
+        raise InvalidParameter(
+            f"{path} is tuned for mode {mode!r}, which the vLLM plugin does not apply yet; set {ENV_ALPHA} to serve "
+            "it in fixed mode, or serve it with `antidote serve`"
+        )
+    positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions
+    if positions not in POSITIONS:
+        raise InvalidParameter(f"{ENV_POSITIONS} must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    return PluginConfig(Path(path), Setting(alpha=default, positions=positions), low, high)

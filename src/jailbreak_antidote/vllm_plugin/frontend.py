@@ -1,0 +1,44 @@
+"""The antidote in vLLM's front end (the process that takes requests): each request's antidote fields are
+checked before it reaches the engine (a bad one is vLLM's validation error: HTTP 400 in the OpenAI error
+format, a ValueError offline), and a steered request's prefix-cache blocks are salted with its setting, so
+that a prompt prefix computed at one setting is never reused at another. Unsteered requests (alpha 0) keep
+no salt of ours: their blocks are the plain model's, shared with every other unsteered request."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..errors import InvalidParameter
+from .config import config_from_environment
+
+
+def patch_input_processor() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    process = InputProcessor.process_inputs
+    if not getattr(process, "_antidote", False):
+        InputProcessor.process_inputs = _checked_and_salted(process)
+
+
+def _checked_and_salted(process):
+    @functools.wraps(process)
+    def process_inputs(self, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any):
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import SamplingParams
+
+        config = config_from_environment()
+        setting = None
+        if config is not None and isinstance(params, SamplingParams):
+            try:
+                setting = config.setting(params.extra_args)
+            except InvalidParameter as error:
+                raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
+        request = process(self, request_id, prompt, params, *args, **kwargs)
+        if setting is not None and setting.steered:
+            salt = setting.cache_salt()
+            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+        return request
+
+    process_inputs._antidote = True
+    return process_inputs
