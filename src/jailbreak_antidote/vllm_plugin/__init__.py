@@ -53,9 +53,10 @@ def register() -> None:
     check_vllm_version(vllm.__version__)
     if config is not None:
         use_runner_v1()
-    from .frontend import patch_input_processor
+    from .frontend import patch_engine_config, patch_input_processor
     from .runner import patch_model_runners
 
+    patch_engine_config()
     patch_input_processor()
     patch_model_runners()
     salt_compile_cache()

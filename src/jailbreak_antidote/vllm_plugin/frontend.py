@@ -13,6 +13,32 @@ from ..errors import InvalidParameter
 from .config import config_from_environment
 
 
+def patch_engine_config() -> None:
+    """Check the antidote against the model as soon as vLLM has resolved its configuration, in the process that
+    starts the engine: a mismatch stops `LLM(...)` or `vllm serve` with our one-line message before any engine
+    process starts (the model runner checks again when it loads the weights, as a second guard)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_engine_config
+    if getattr(create, "_antidote", False):
+        return
+
+    @functools.wraps(create)
+    def create_engine_config(self, *args: Any, **kwargs: Any):
+        vllm_config = create(self, *args, **kwargs)
+        config = config_from_environment()
+        if config is not None:
+            from ..antidote import Antidote
+            from .identity import check_served_model
+
+            model_config = vllm_config.model_config
+            check_served_model(Antidote.load(config.path), model_config.model, model_config.hf_config)
+        return vllm_config
+
+    create_engine_config._antidote = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
 def patch_input_processor() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
