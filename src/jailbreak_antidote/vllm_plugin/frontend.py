@@ -2,7 +2,8 @@
 checked before it reaches the engine (a bad one is vLLM's validation error: HTTP 400 in the OpenAI error
 format, a ValueError offline), and a steered request's prefix-cache blocks are salted with its setting, so
 that a prompt prefix computed at one setting is never reused at another. Unsteered requests (alpha 0) keep
-no salt of ours: their blocks are the plain model's, shared with every other unsteered request."""
+no salt of ours: their blocks are the plain model's, shared with every other unsteered request. A client's
+own salt is kept in its own namespace."""
 
 from __future__ import annotations
 
@@ -25,8 +26,18 @@ def patch_engine_config() -> None:
 
     @functools.wraps(create)
     def create_engine_config(self, *args: Any, **kwargs: Any):
-        vllm_config = create(self, *args, **kwargs)
         config = config_from_environment()
+        if config is not None:
+            from . import use_runner_v1
+
+            use_runner_v1()  # also when this process's first engine had no antidote
+        vllm_config = create(self, *args, **kwargs)
+        if config is not None and vllm_config.use_v2_model_runner:
+            raise RuntimeError(
+                "this engine runs vLLM's Model Runner V2 (forced by a feature such as watermarking), which the "
+                "antidote plugin does not patch: the steering would be lost; disable that feature or unset "
+                "JAILBREAK_ANTIDOTE_VLLM"
+            )
         if config is not None:
             from ..antidote import Antidote
             from .identity import check_served_model
@@ -37,6 +48,14 @@ def patch_engine_config() -> None:
 
     create_engine_config._antidote = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def salted(client_salt: str | None, setting) -> str | None:
+    """The cache salt of a request: the client's own salt and the steering setting, in separate namespaces, so
+    that no client salt can name a steered setting's blocks. Unsteered requests without a client salt keep none
+    (the plain model's blocks)."""
+    parts = ([f"client:{client_salt}"] if client_salt else []) + ([setting.cache_salt()] if setting.steered else [])
+    return "|".join(parts) or None
 
 
 def patch_input_processor() -> None:
@@ -60,10 +79,13 @@ def _checked_and_salted(process):
                 setting = config.setting(params.extra_args)
             except InvalidParameter as error:
                 raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
+        if setting is not None and setting.steered and setting.positions != "all":
+            # vLLM also caches blocks of generated tokens, which a later prompt (the next chat turn) may share;
+            # under "prompt" or "generated" the same token is steered in one role and not in the other.
+            params.skip_reading_prefix_cache = True
         request = process(self, request_id, prompt, params, *args, **kwargs)
-        if setting is not None and setting.steered:
-            salt = setting.cache_salt()
-            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+        if setting is not None:
+            request.cache_salt = salted(request.cache_salt, setting)
         return request
 
     process_inputs._antidote = True

@@ -77,9 +77,9 @@ def attach(runner: Any, config: PluginConfig) -> None:
     start = getattr(getattr(model, "model", model), "start_layer", 0)
     end = getattr(getattr(model, "model", model), "end_layer", len(layers))
     vectors = {layer: v for layer, v in antidote.vectors().items() if start <= layer < end}  # pipeline stage
-    param = next(model.parameters())
     max_tokens = int(runner.max_num_tokens) + int(getattr(runner, "max_num_reqs", 0)) + 512  # room for padding
-    steering = TokenSteering(vectors, max_tokens, param.dtype, param.device)
+    # the activations' dtype and device (a quantised or offloaded first parameter would mislead)
+    steering = TokenSteering(vectors, max_tokens, runner.model_config.dtype, runner.device)
     model.add_module("antidote_steering", steering)
     runner._antidote = (config, steering, {})
     for layer in vectors:
