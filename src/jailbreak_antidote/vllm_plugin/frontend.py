@@ -1,9 +1,9 @@
 """The antidote in vLLM's front end (the process that takes requests): each request's antidote fields are
 checked before it reaches the engine (a bad one is vLLM's validation error: HTTP 400 in the OpenAI error
-format, a ValueError offline), and a steered request's prefix-cache blocks are salted with its setting, so
-that a prompt prefix computed at one setting is never reused at another. Unsteered requests (alpha 0) keep
-no salt of ours: their blocks are the plain model's, shared with every other unsteered request. A client's
-own salt is kept in its own namespace."""
+format, vllm.exceptions.VLLMValidationError offline), and a steered request's prefix-cache blocks are salted
+with its setting, so that a prompt prefix computed at one setting is never reused at another. Unsteered
+requests (alpha 0) keep no salt of ours: their blocks are the plain model's, shared with every other
+unsteered request. A client's own salt is kept in its own namespace."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import functools
 from typing import Any
 
 from ..errors import InvalidParameter
-from .config import config_from_environment
+from .config import Setting, config_from_environment
 
 
 def patch_engine_config() -> None:
@@ -50,7 +50,7 @@ def patch_engine_config() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-def salted(client_salt: str | None, setting) -> str | None:
+def salted(client_salt: str | None, setting: Setting) -> str | None:
     """The cache salt of a request: the client's own salt and the steering setting, in separate namespaces, so
     that no client salt can name a steered setting's blocks. Unsteered requests without a client salt keep none
     (the plain model's blocks)."""
