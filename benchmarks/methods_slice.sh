@@ -41,9 +41,10 @@ for method in pca null_space jailbreak_diff; do
   [ "$method" = jailbreak_diff ] && defenses=antidote  # the policy comparison runs on the other two
   antidote eval "${common[@]}" -a "$artifact" --defenses "$defenses" --alpha "$alpha" \
     --alpha "$(python -c "print(round(2 * $alpha, 4))")" --threshold "$threshold" --out "$runs/$method"
-  if [ "$method" = pca ]; then  # the adaptive modes at the tuned operating point
-    antidote eval "${common[@]}" -a "$artifact" --defenses antidote-gated,antidote-monitor --alpha "$tuned_alpha" \
-      --threshold "$threshold" --out "$runs/$method"
-  fi
   bash benchmarks/publish_run.sh "$runs/$method" "$published/$method"
 done
+# The adaptive modes at the tuned operating point, in their own directory (they depend on the probe, the
+# fixed settings above do not).
+antidote eval "${common[@]}" -a "$tuned" --defenses antidote-gated,antidote-monitor --alpha "$tuned_alpha" \
+  --threshold "$threshold" --out "$runs/pca-gated"
+bash benchmarks/publish_run.sh "$runs/pca-gated" "$published/pca-gated"

@@ -1,10 +1,11 @@
 """Harm-probe variants side by side, on the same forward passes: what the probe reads (last prompt token,
-mean over the prompt's tokens, smooth maximum over them) and what it trains on (the 9 training attacks,
-3 per goal; or those plus the probe-only wrappers, 8 per goal, as `fit_probe` does).
+mean over the prompt's tokens, smooth maximum over them) and what it trains on (the probe's 6 training
+attacks, 3 per goal; or those plus the probe-only wrappers, 8 per goal, as `fit_probe` does).
 
 Validation is `fit_probe`'s: the held-out 30% of the built-in calibration goals, direct and wrapped in the
-6 held-out attack templates. Prints, per variant and block: the AUROC pooled over all validation prompts,
-the range of AUROCs within each held-out template, and wrapped harmful prompts against plain harmless ones.
+probe's 3 validation templates (never the evaluation's held-out attacks, so that choosing a design here
+does not tune to them). Prints, per variant and block: the AUROC pooled over all validation prompts, the
+range of AUROCs within each validation template, and wrapped harmful prompts against plain harmless ones.
 
     python benchmarks/probe_variants.py [--model NAME] [--dtype bfloat16] [--layers 10 16]
 
@@ -22,9 +23,9 @@ from _common import machine
 from jailbreak_antidote.activations import prompt_token_states
 from jailbreak_antidote.models import load_model
 from jailbreak_antidote.probe import (
-    HELD_OUT_ATTACKS,
     NEST_PROBABILITY,
-    TRAIN_ATTACKS,
+    PROBE_TRAIN_ATTACKS,
+    PROBE_VALIDATION_ATTACKS,
     ProbeData,
     _Packed,
     against_direct_benign,
@@ -93,10 +94,12 @@ def main() -> None:
         return [calibration.harmful[i] for i in indices], [calibration.harmless[i] for i in indices]
 
     sets = {
-        "9 attacks, 3/goal": augmented(*pick(train_goals), attack_wrappers(TRAIN_ATTACKS), 3, 0),
-        "+ wrappers, 8/goal": augmented(*pick(train_goals), training_wrappers(TRAIN_ATTACKS), 8, 0, NEST_PROBABILITY),
+        "6 attacks, 3/goal": augmented(*pick(train_goals), attack_wrappers(PROBE_TRAIN_ATTACKS), 3, 0),
+        "+ wrappers, 8/goal": augmented(
+            *pick(train_goals), training_wrappers(PROBE_TRAIN_ATTACKS), 8, 0, NEST_PROBABILITY
+        ),
     }
-    valid = augmented(*pick(valid_goals), attack_wrappers(HELD_OUT_ATTACKS), len(HELD_OUT_ATTACKS), 1)
+    valid = augmented(*pick(valid_goals), attack_wrappers(PROBE_VALIDATION_ATTACKS), len(PROBE_VALIDATION_ATTACKS), 1)
     prompts = [p for data in sets.values() for p in data.prompts] + valid.prompts
     print(f"machine: {machine()}; model {args.model} ({args.dtype}); {len(prompts)} prompts")
     states = prompt_token_states(model, tokenizer, prompts, args.layers)

@@ -14,6 +14,8 @@ from jailbreak_antidote.cli import app
 from jailbreak_antidote.errors import ArtifactError, InvalidParameter
 from jailbreak_antidote.probe import (
     HELD_OUT_ATTACKS,
+    PROBE_TRAIN_ATTACKS,
+    PROBE_VALIDATION_ATTACKS,
     TRAIN_ATTACKS,
     HarmProbe,
     attack_wrappers,
@@ -88,15 +90,25 @@ def test_max_pooling_finds_a_harmful_token_anywhere_and_ignores_padding():
 def test_fit_probe_keeps_templates_and_goals_apart(qwen2, tokenizer):
     probe = fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, per_goal=2)
     report = probe.report
-    assert set(report["held_out_attacks"]) == set(HELD_OUT_ATTACKS)
-    assert set(report["validation_auroc_per_attack"]) <= {*HELD_OUT_ATTACKS, "direct"}
+    assert set(report["validation_attacks"]) == set(PROBE_VALIDATION_ATTACKS)
+    assert set(report["validation_auroc_per_attack"]) <= {*PROBE_VALIDATION_ATTACKS, "direct"}
+    assert set(report["train_attacks"]) == set(PROBE_TRAIN_ATTACKS)
     assert report["validation_auroc"] == max(report["validation_auroc_per_layer"].values())
     assert str(probe.layer) in report["validation_auroc_per_layer"]
     assert probe.pooling == "max" and report["validation_auroc_attacks_vs_plain_benign"] >= 0
     hidden = torch.randn(3, 7, probe.weight.numel())
     assert ((probe.probability(hidden) >= 0) & (probe.probability(hidden) <= 1)).all()
-    with pytest.raises(InvalidParameter, match="both a training and a held-out"):
-        fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, train_attacks=["dan"], held_out_attacks=["dan"])
+    with pytest.raises(InvalidParameter, match="both a training and a validation"):
+        fit_probe(qwen2, tokenizer, HARMFUL, HARMLESS, train_attacks=["dan"], validation_attacks=["dan"])
+
+
+def test_the_evaluations_held_out_templates_take_no_part_in_the_probe():
+    """Held-out means held out: the probe neither trains on nor chooses its block or calibration by the
+    templates that results are reported on."""
+    probe_templates = {*PROBE_TRAIN_ATTACKS, *PROBE_VALIDATION_ATTACKS}
+    assert not probe_templates & set(HELD_OUT_ATTACKS)
+    assert not set(PROBE_TRAIN_ATTACKS) & set(PROBE_VALIDATION_ATTACKS)
+    assert probe_templates == set(TRAIN_ATTACKS)
 
 
 def test_probe_survives_save_and_load_and_is_checksummed(qwen2, tokenizer, qwen2_antidote, tmp_path):

@@ -28,7 +28,13 @@ def probe(
         Path | None, typer.Option(help="Harmless prompts, paired with --harmful [default: the built-in set]")
     ] = None,
     per_goal: Annotated[int, typer.Option(help="Training wrappers drawn for each instruction")] = 8,
-    validation_fraction: Annotated[float, typer.Option(help="Share of goals held out with held-out templates")] = 0.3,
+    validation_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Share of calibration goals kept out of training, wrapped in the probe's validation templates, "
+            "to choose the block and calibrate on"
+        ),
+    ] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed for the split and the template draw")] = 0,
     layer: Annotated[
         list[int] | None,
@@ -50,8 +56,8 @@ def probe(
     ] = None,
 ) -> None:
     """Train a harm probe on template-augmented calibration pairs, choose its layer by AUROC on held-out goals
-    wrapped in held-out attack templates, calibrate it, and store it in the artifact (or, with --from, copy
-    another artifact's probe)."""
+    wrapped in validation templates it did not train on (never the evaluation's held-out attacks), calibrate
+    it, and store it in the artifact (or, with --from, copy another artifact's probe)."""
     from .antidote import Antidote
     from .cli import _check
     from .probe import fit_probe
@@ -87,7 +93,7 @@ def probe(
     path = antidote.save(out_path or antidote_path)
     report = antidote.probe.report
     table = Table(
-        title=f"Harm probe: validation AUROC (held-out goals x held-out templates), layer {antidote.probe.layer}"
+        title=f"Harm probe: validation AUROC (held-out goals x validation templates), layer {antidote.probe.layer}"
     )
     table.add_column("attack family")
     table.add_column("AUROC (harmful vs harmless, both wrapped)", justify="right")

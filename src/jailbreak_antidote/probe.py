@@ -15,8 +15,10 @@ carries no label. What we measured on the bundled 0.5B model (docs/ADAPTIVE.md):
   at block 16 of 24, gated steering at 4x the suggested alpha refused 73% of the tuning set's harmful
   prompts; at block 10, 88% (as many as fixed alpha, which also refused 81% of benign prompts). So the
   candidates sit at a third to 40% of the depth (`LAYER_FRACTIONS`).
-Among the candidates the layer is chosen by AUROC on held-out goals wrapped in held-out templates, and the
-score is calibrated to a probability on that validation set (Platt scaling).
+Among the candidates the layer is chosen by AUROC on held-out calibration goals wrapped in the probe's
+*validation* templates (`PROBE_VALIDATION_ATTACKS`: training attacks the probe itself does not train on), and
+the score is calibrated to a probability on that validation set (Platt scaling). The evaluation's held-out
+templates (`HELD_OUT_ATTACKS`) take no part in fitting, probing or tuning.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ from .context import describe
 from .errors import ArtifactError, InvalidParameter
 from .prompts import check_pairs
 
-# Templates the probe trains on, and templates kept out to choose the layer and calibrate (built-in attacks).
+# Built-in attacks that fitting, probing and tuning may read; the held-out ones are kept for evaluation only.
 TRAIN_ATTACKS = (
     "aim", "dan", "prefix-injection", "refusal-suppression", "base64", "past-tense", "deep-inception",
     "code-nesting", "few-shot",
 )  # fmt: skip
 HELD_OUT_ATTACKS = ("developer-mode", "opposite-mode", "style-injection", "future-tense", "table-nesting",
                     "payload-splitting")  # fmt: skip
+# Of the training attacks, those the probe keeps out of its own training to choose its block and calibrate on.
+PROBE_VALIDATION_ATTACKS = ("past-tense", "code-nesting", "few-shot")
+PROBE_TRAIN_ATTACKS = tuple(attack for attack in TRAIN_ATTACKS if attack not in PROBE_VALIDATION_ATTACKS)
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -270,8 +275,8 @@ def fit_probe(
     layers: Sequence[int] | None = None,
     per_goal: int = 8,
     validation_fraction: float = 0.3,
-    train_attacks: Sequence[str] = TRAIN_ATTACKS,
-    held_out_attacks: Sequence[str] = HELD_OUT_ATTACKS,
+    train_attacks: Sequence[str] = PROBE_TRAIN_ATTACKS,
+    validation_attacks: Sequence[str] = PROBE_VALIDATION_ATTACKS,
     seed: int = 0,
     batch_size: int = 16,
     system: str | None = None,
@@ -279,12 +284,15 @@ def fit_probe(
     progress: Any = None,
 ) -> HarmProbe:
     """Train on the training goals x training wrappers, choose the layer and calibrate on the other goals
-    wrapped in held-out attack templates (never seen in training: neither the goal nor the template)."""
+    wrapped in the validation templates (never seen in training: neither the goal nor the template). The
+    defaults leave the evaluation's `HELD_OUT_ATTACKS` out of both.
+
+    Raises InvalidParameter when a template is both a training and a validation template."""
     check_pairs(list(harmful), list(harmless))
     if not 0 < validation_fraction < 1:
         raise InvalidParameter(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    if set(train_attacks) & set(held_out_attacks):
-        raise InvalidParameter("a template cannot be both a training and a held-out template")
+    if set(train_attacks) & set(validation_attacks):
+        raise InvalidParameter("a template cannot be both a training and a validation template")
     depth = len(decoder_blocks(model))
     layers = candidate_layers(depth) if layers is None else list(layers)
     order = list(range(len(harmful)))
@@ -296,7 +304,7 @@ def fit_probe(
     train = augmented([harmful[i] for i in split["train"]], [harmless[i] for i in split["train"]],
                       training_wrappers(train_attacks), per_goal, seed, NEST_PROBABILITY)  # fmt: skip
     valid = augmented([harmful[i] for i in split["validation"]], [harmless[i] for i in split["validation"]],
-                      attack_wrappers(held_out_attacks), len(held_out_attacks), seed + 1)  # fmt: skip
+                      attack_wrappers(validation_attacks), len(validation_attacks), seed + 1)  # fmt: skip
     states = prompt_token_states(
         model, tokenizer, train.prompts + valid.prompts, layers, system=system, batch_size=batch_size,
         progress=progress, description="probe forward passes",
@@ -334,7 +342,7 @@ def fit_probe(
         "pooling": "max",
         "train_attacks": list(train_attacks),
         "probe_only_wrappers": len(training_wrappers(train_attacks)) - len(train_attacks),
-        "held_out_attacks": list(held_out_attacks),
+        "validation_attacks": list(validation_attacks),
         "n_train": len(train.prompts),
         "n_validation": len(valid.prompts),
         "seed": seed,
