@@ -8,6 +8,8 @@ tokens/s of each side and the median of the per-round ratios.
 
     python benchmarks/vllm_overhead.py ANTIDOTE [--model DIR] [--batch-sizes 1 8] [--tokens 64] [--rounds 6]
         [--alpha A] [--compile]     # --compile: torch.compile (and CUDA graphs on a GPU); default eager
+        [--mode gated --threshold 0]  # the probe-read modes (ANTIDOTE with a probe): both engines then run
+                                      # without chunked prefill, as those modes need; threshold 0 steers all
 
 Run in the vLLM environment (scripts/test-vllm.sh makes one); on CPU set VLLM_CPU_KVCACHE_SPACE (GiB).
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def start(model: str, antidote: str | None, eager: bool, dtype: str, **engine_args):
+def start(model: str, antidote: str | None, eager: bool, dtype: str, **engine_args: object):
     from vllm import LLM
 
     if antidote is None:
@@ -36,10 +38,10 @@ def start(model: str, antidote: str | None, eager: bool, dtype: str, **engine_ar
                **engine_args)  # fmt: skip
 
 
-def timed(llm, batch: int, tokens: int, alpha: float | None) -> float:
+def timed(llm, batch: int, tokens: int, alpha: float | None, mode: str = "fixed", threshold: float = 0.0) -> float:
     from vllm import SamplingParams
 
-    extra = None if alpha is None else {"antidote_alpha": alpha}
+    extra = None if alpha is None else {"antidote_alpha": alpha, "antidote_mode": mode, "antidote_threshold": threshold}
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, extra_args=extra)
     started = time.perf_counter()
     outputs = llm.generate([f"{PROMPT} ({i})" for i in range(batch)], params, use_tqdm=False)
@@ -59,6 +61,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile / CUDA graphs instead of eager")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--mode", choices=["fixed", "gated", "scaled"], default="fixed")
+    parser.add_argument("--threshold", type=float, default=0.0, help="gated: 0 steers every request (the full cost)")
     args = parser.parse_args()
     if not Path(args.antidote).is_file():
         print(f"error: {args.antidote} is not a file (fit one with `antidote fit --out FILE`)", file=sys.stderr)
@@ -70,17 +74,24 @@ def main() -> int:
     alpha = antidote.suggested_alpha if args.alpha is None else args.alpha
     os.environ["JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"] = str(max(alpha, 1e-9))
     model = args.model or str(bundled.converted_dir(bundled.get(bundled.DEFAULT_MODEL)))
-    engine_args = {"tensor_parallel_size": args.tensor_parallel_size}
+    engine_args: dict[str, object] = {"tensor_parallel_size": args.tensor_parallel_size}
+    if args.mode != "fixed":
+        if antidote.probe is None:
+            print(f"error: --mode {args.mode} needs a harm probe in {args.antidote}; add one with `antidote probe`",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        engine_args |= {"enable_chunked_prefill": False, "max_num_batched_tokens": 1024}
     plain = start(model, None, not args.compile, args.dtype, **engine_args)
     steered = start(model, args.antidote, not args.compile, args.dtype, **engine_args)
     import platform
 
     mode = "compiled" if args.compile else "eager"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; model {model}, "
-          f"{args.dtype}, {mode}, alpha {alpha:g}, {args.tokens} tokens/request")  # fmt: skip
+          f"{args.dtype}, {mode}, alpha {alpha:g}, mode {args.mode}, {args.tokens} tokens/request")  # fmt: skip
     print(f"{'batch':>5} {'plain tok/s':>12} {'steered tok/s':>14} {'steered/plain':>14}")
     for batch in args.batch_sizes:
-        timed(plain, batch, 4, None), timed(steered, batch, 4, alpha)  # warm-up
+        steer = {"mode": args.mode, "threshold": args.threshold}
+        timed(plain, batch, 4, None), timed(steered, batch, 4, alpha, **steer)  # warm-up
         rates: dict[str, list[float]] = {"plain": [], "steered": []}
         ratios = []
         for round_index in range(args.rounds):
@@ -88,7 +99,7 @@ def main() -> int:
             measured = {}
             for side in order:
                 llm, side_alpha = (plain, None) if side == "plain" else (steered, alpha)
-                measured[side] = timed(llm, batch, args.tokens, side_alpha)
+                measured[side] = timed(llm, batch, args.tokens, side_alpha, **steer)
                 rates[side].append(measured[side])
             ratios.append(measured["steered"] / measured["plain"])
         print(f"{batch:>5} {statistics.median(rates['plain']):>12.1f} {statistics.median(rates['steered']):>14.1f} "

@@ -17,12 +17,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from jailbreak_antidote import bundled
 from jailbreak_antidote.antidote import Antidote
 from jailbreak_antidote.errors import ArtifactError, InvalidParameter
+from jailbreak_antidote.probe import HarmProbe
 from jailbreak_antidote.vllm_plugin import check_vllm_version
 from jailbreak_antidote.vllm_plugin.config import ENV_ANTIDOTE, PluginConfig, Setting, _config
 
@@ -36,8 +38,8 @@ ALPHAS = [0.0, 0.4, 1.2]
 TOKENS = 48
 
 
-def config(default: float = 0.0, low: float = 0.0, high: float = 2.0) -> PluginConfig:
-    return PluginConfig(Path("x.antidote"), Setting(alpha=default), low, high)
+def config(default: float = 0.0, low: float = 0.0, high: float = 2.0, has_probe: bool = False) -> PluginConfig:
+    return PluginConfig(Path("x.antidote"), Setting(alpha=default), low, high, has_probe=has_probe)
 
 
 def test_vllm_request_settings_are_checked_with_one_line_each():
@@ -53,20 +55,27 @@ def test_vllm_request_settings_are_checked_with_one_line_each():
         ({"antidote_alpha": float("nan")}, "must be finite"),
         ({"antidote_alpha": 3}, r"outside the allowed range \[0, 2\]"),
         ({"antidote_mode": "loud"}, "antidote_mode must be one of"),
-        ({"antidote_mode": "gated"}, "not applied by the vLLM plugin yet"),
+        ({"antidote_mode": "gated"}, "needs the antidote's harm probe, and this antidote has none"),
+        ({"antidote_mode": "monitor"}, "'monitor' is not applied by the vLLM plugin"),
+        ({"antidote_threshold": 1.5}, r"antidote_threshold is a harm probability in \[0, 1\]"),
         ({"antidote_positions": "middle"}, "antidote_positions must be one of"),
         ({"antidote_threshold": "high"}, "antidote_threshold must be a number"),
     ]
     for extra_args, message in bad:
         with pytest.raises(InvalidParameter, match=message):
             plugin.setting(extra_args)
+    probed = config(default=0.3, has_probe=True)
+    gated = probed.setting({"antidote_mode": "gated", "antidote_threshold": 0.2})
+    assert gated == Setting(alpha=0.3, mode="gated", threshold=0.2) and gated.reads_probe
+    assert not probed.setting({"antidote_mode": "scaled", "antidote_alpha": 0}).reads_probe  # alpha 0: unsteered
 
 
 def test_vllm_cache_salt_tells_settings_apart_and_alpha_zero_is_unsteered():
     from jailbreak_antidote.vllm_plugin.frontend import salted
 
     salts = {Setting(a, p).cache_salt() for a in (0.4, 0.5) for p in ("all", "prompt")}
-    assert len(salts) == 4
+    salts |= {Setting(0.4, mode=m, threshold=t).cache_salt() for m in ("gated", "scaled") for t in (0.2, 0.3)}
+    assert len(salts) == 4 + 3  # a threshold changes what the gated mode steers, not the scaled mode
     assert not Setting(0.0).steered and Setting(0.4).steered
     assert salted(None, Setting(0.0)) is None  # the plain model's blocks
     assert salted(None, Setting(0.9)) == Setting(0.9).cache_salt()
@@ -96,11 +105,95 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_POSITIONS", "sideways")
     with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_POSITIONS must be one of"):
         _config(str(path), "sideways")
-    tuned = Antidote(**{**qwen2_antidote.__dict__, "alpha": {**qwen2_antidote.alpha,
-                        "tuned": {"mode": "gated", "alpha": 0.5, "threshold": 0.3}}})  # fmt: skip
     monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_POSITIONS")
-    with pytest.raises(InvalidParameter, match="tuned for mode 'gated'"):
-        _config(str(tuned.save(tmp_path / "gated.antidote")), "gated")
+
+    def tuned(mode: str, probe: HarmProbe | None) -> str:
+        alpha = {**qwen2_antidote.alpha, "tuned": {"mode": mode, "alpha": 0.5, "threshold": 0.3}}
+        antidote = Antidote(**{**qwen2_antidote.__dict__, "alpha": alpha, "probe": probe})
+        return str(antidote.save(tmp_path / f"{mode}-{probe is not None}.antidote"))
+
+    probe = unit_probe(qwen2_antidote.directions.shape[-1])
+    gated = _config(tuned("gated", probe), "gated")
+    assert gated.default == Setting(alpha=0.5, mode="gated", threshold=0.3) and gated.has_probe
+    with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_MODE 'gated' needs the antidote's harm probe"):
+        _config(tuned("gated", None), "no probe")
+    with pytest.raises(InvalidParameter, match="set JAILBREAK_ANTIDOTE_VLLM_MODE=gated"):
+        _config(tuned("monitor", probe), "monitor")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_MODE", "fixed")
+    assert _config(tuned("monitor", probe), "monitor, served fixed").default.mode == "fixed"
+
+
+def unit_probe(hidden_size: int, layer: int = 1) -> HarmProbe:
+    generator = torch.Generator().manual_seed(0)
+    return HarmProbe(layer=layer, weight=torch.randn(hidden_size, generator=generator), bias=0.1,
+                     mean=torch.randn(hidden_size, generator=generator),
+                     std=torch.rand(hidden_size, generator=generator) + 0.5, scale=0.3, offset=-0.2)  # fmt: skip
+
+
+def test_vllm_probe_hook_pools_each_request_like_the_transformers_probe():
+    """One flattened step of three requests: a gated prompt (3 tokens), a decode token, a scaled prompt (2
+    tokens). The probe hook's probability per request is HarmProbe's over that request's tokens, and the
+    blocks from the probe's on steer base + pending * factor, the earlier ones base alone."""
+    from jailbreak_antidote.vllm_plugin.runner import TokenSteering
+
+    probe = unit_probe(8, layer=1)
+    vectors = {0: torch.randn(8), 1: torch.randn(8)}
+    steering = TokenSteering(vectors, 16, 4, torch.float32, torch.device("cpu"), probe)
+    f32 = np.float32
+    steering.write(base=np.array([0, 0, 0, 0.5, 0, 0], f32), pending=np.array([2, 2, 2, 0, 1, 1], f32),
+                   segment=np.array([0, 0, 0, 1, 2, 2]), probed=np.array([1, 1, 1, 0, 1, 1], bool),
+                   threshold=np.array([0.5, 0.5, 0.5], f32), scaled=np.array([False, False, True]))  # fmt: skip
+    hidden, residual = 3 * torch.randn(6, 8), 3 * torch.randn(6, 8)
+    steering.probe_hook()(None, None, (hidden, residual))
+    state = hidden + residual  # the block output
+    expected = [probe.probability(state[None, :3]), probe.probability(state[None, 4:])]
+    probability = steering.late["probability"]
+    torch.testing.assert_close(probability[[0, 2]], torch.cat(expected))
+    assert probability[1] == 0 and probability[3] == 0  # no prompt token read: no score
+    gate = float(expected[0] >= 0.5)
+    scale = torch.tensor([2 * gate] * 3 + [0.5] + [float(expected[1])] * 2)
+    torch.testing.assert_close(steering.late["scale"], scale)
+    before = steering.hook(0)(None, None, (hidden, residual))[0]
+    after = steering.hook(1)(None, None, (hidden, residual))[0]
+    torch.testing.assert_close(before, hidden + torch.tensor([0, 0, 0, 0.5, 0, 0]).unsqueeze(-1) * vectors[0])
+    torch.testing.assert_close(after, hidden + scale.unsqueeze(-1) * vectors[1])
+
+
+def test_vllm_runner_writes_each_tokens_strength_and_keeps_the_probes_factor():
+    """The runner's bookkeeping over steps, without vLLM: a gated prompt waits for the probe (base 0, pending
+    alpha), its answer tokens take alpha x factor read back after the step, and a preempted request's prompt,
+    read again, waits for the probe again while its earlier answer tokens keep the factor."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.runner import RunnerState, TokenSteering, write_token_scales
+
+    steering = TokenSteering({0: torch.ones(4)}, 32, 4, torch.float32, torch.device("cpu"), unit_probe(4, 0))
+    plugin = config(default=0.0, high=2.0, has_probe=True)
+    requests = {
+        "g": SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"antidote_alpha": 1.5,
+                             "antidote_mode": "gated", "antidote_threshold": 0.4}), num_prompt_tokens=3),
+        "f": SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"antidote_alpha": 0.5}), num_prompt_tokens=2),
+    }  # fmt: skip
+    runner = SimpleNamespace(requests=requests, _antidote=RunnerState(plugin, steering))
+
+    def step(ids: list[str], computed: list[int], counts: list[int], finished: tuple[str, ...] = ()) -> dict:
+        runner.input_batch = SimpleNamespace(num_reqs=len(ids), req_ids=ids, num_computed_tokens_cpu=np.array(computed))
+        write_token_scales(runner, np.array(counts), set(finished))
+        n = sum(counts)
+        return {name: getattr(steering, name)[:n].tolist() for name in ("base", "pending", "probed")}
+
+    first = step(["g", "f"], [0, 0], [3, 2])  # both prompts whole
+    assert first == {"base": [0, 0, 0, 0.5, 0.5], "pending": [1.5, 1.5, 1.5, 0, 0], "probed": [True] * 5}
+    steering.late["probability"] = torch.tensor([0.7, 0.1, 0, 0, 0])  # what the probe hook read
+    runner._antidote.keep_read()
+    second = step(["g", "f"], [3, 2], [1, 1])  # decode: g's gate opened (0.7 >= 0.4)
+    assert second == {"base": [1.5, 0.5], "pending": [0, 0], "probed": [False, False]}
+    assert runner._antidote.probability == {"g": pytest.approx(0.7), "f": pytest.approx(0.1)}
+    runner._antidote.keep_read()
+    again = step(["g"], [0], [5], finished=("f",))  # g preempted, read again: 3 prompt + 2 answer tokens
+    assert again == {"base": [0, 0, 0, 1.5, 1.5], "pending": [1.5, 1.5, 1.5, 0, 0],
+                     "probed": [True, True, True, False, False]}  # fmt: skip
+    assert "f" not in runner._antidote.probability and "f" not in runner._antidote.settings
 
 
 # ----- engines ------------------------------------------------------------------------------------------
@@ -145,7 +238,53 @@ def served():
     path.unlink(missing_ok=True)
 
 
-def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True):
+@pytest.fixture(scope="module")
+def probed(served, tmp_path_factory):
+    """The served antidote with a harm probe at block 8 (fitted by hand on these prompts' states and calibrated
+    so that two of the four prompts score well above 0.5 and two well below), and the
+    transformers engine's answers and scores in the gated and scaled modes at alpha 1.2:
+    {(mode, i): (ids, probability)}."""
+    from jailbreak_antidote.models import load_model
+
+    _directory, path, ids, _reference = served
+    lm, _tokenizer = load_model(bundled.DEFAULT_MODEL, dtype="float32")
+    antidote = Antidote.load(path)
+    probe = unit_probe(lm.config.hidden_size, layer=8)
+    with torch.no_grad():
+        states = [lm(torch.tensor([p]), output_hidden_states=True).hidden_states[9][0] for p in ids]
+    # Standardised as a trained probe is, with the spread floored at its median: the template's first token
+    # is huge in a few coordinates, and a tiny spread would blow float noise up. The weight contrasts the last
+    # tokens of the two risky prompts with the two others, so the prompts' own tokens decide the score.
+    tokens = torch.cat(states)
+    spread = tokens.std(0)
+    probe.mean, probe.std = tokens.mean(0), spread.clamp_min(spread.median())
+    last = torch.stack([(state[-1] - probe.mean) / probe.std for state in states])
+    contrast = last[1] + last[2] - last[0] - last[3]
+    probe.weight, probe.bias, probe.tau = 4 * contrast / contrast.norm(), 0.0, 1.0
+    probe.scale, probe.offset = 1.0, 0.0
+    raw = sorted(float(probe.raw_scores(state[None])) for state in states)
+    assert raw[2] - raw[1] > 0.02, raw  # well apart, far beyond the engines' float differences
+    probe.scale = 4 / (raw[2] - raw[1])  # the middle two at p = 0.12 and 0.88
+    probe.offset = -probe.scale * (raw[1] + raw[2]) / 2
+    antidote.probe = probe
+    probed_path = antidote.save(tmp_path_factory.mktemp("probed") / "probed.antidote")
+    reference = {}
+    for mode in ("gated", "scaled"):
+        for i, prompt in enumerate(ids):
+            with antidote.applied(lm, alpha=1.2, mode=mode, threshold=0.5) as steering, torch.no_grad():
+                mask = torch.ones(1, len(prompt), dtype=torch.long)
+                out = lm.generate(torch.tensor([prompt]), attention_mask=mask, max_new_tokens=TOKENS, do_sample=False,
+                                  temperature=None, top_p=None, top_k=None)  # fmt: skip
+                probability = float(steering.scores[0])
+            reference[(mode, i)] = out[0, len(prompt) :].tolist(), probability
+    assert all(abs(p - 0.5) > 0.05 for _ids, p in reference.values())  # no gate decided by rounding
+    assert sum(p >= 0.5 for _ids, p in reference.values()) == 4  # two prompts x two modes open
+    del lm
+    gc.collect()
+    return probed_path, reference
+
+
+def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True, chunked: bool = True):
     from vllm import LLM
 
     if antidote is None:
@@ -156,8 +295,10 @@ def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: boo
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     # 32-token cache blocks (the CPU build's default is 128, longer than these prompts) and 32-token steps, so
     # that prompts are split by chunked prefill and the prefix cache has whole blocks to reuse.
+    # Without chunked prefill (the probe modes), a step holds whole prompts: as many tokens as the model's length.
     return LLM(model=str(directory), dtype="float32", max_model_len=1024, max_num_seqs=16, enforce_eager=eager,
-               seed=0, block_size=32, max_num_batched_tokens=32)  # fmt: skip
+               seed=0, block_size=32, max_num_batched_tokens=32 if chunked else 1024,
+               enable_chunked_prefill=chunked)  # fmt: skip
 
 
 def stop_engine(llm) -> None:
@@ -263,25 +404,79 @@ def test_vllm_bad_request_fields_are_refused_before_the_engine(served, steered_e
 
     _directory, _path, ids, _reference = served
     for extra_args, message in [({"antidote_alpha": 5}, "outside the allowed range"),
-                                ({"antidote_mode": "scaled"}, "not applied by the vLLM plugin yet"),
+                                ({"antidote_mode": "scaled"}, "needs the antidote's harm probe"),
                                 ({"antidote_colour": 1}, "unknown request field")]:  # fmt: skip
         with pytest.raises(VLLMValidationError, match=message):
             generate(steered_engine, [ids[0]], [extra_args])
     assert token_ids(generate(steered_engine, [ids[0]], [{}])[0])  # the engine still serves
 
 
-def test_vllm_compiled_model_keeps_the_steering_and_its_own_compile_cache(served, tmp_path, monkeypatch):
-    """torch.compile traces the hooks (the per-token buffer still steers, per request); and a graph compiled
-    without the antidote, cached first in the same cache directory, is not loaded for the steered engine."""
-    directory, path, ids, reference = served
+def test_vllm_compiled_model_keeps_the_steering_and_its_own_compile_cache(served, probed, tmp_path, monkeypatch):
+    """torch.compile traces the hooks (the per-token buffers still steer, per request, and the probe's block
+    still gates); and a graph compiled without the antidote, cached first in the same cache directory, is not
+    loaded for the steered engine. Without chunked prefill, so that the probe modes run too."""
+    directory, _path, ids, reference = served
+    probed_path, gated_reference = probed
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
-    stop_engine(start_engine(directory, None, monkeypatch, eager=False))  # compiles and caches the plain graph
-    llm = start_engine(directory, path, monkeypatch, eager=False)
+    stop_engine(start_engine(directory, None, monkeypatch, eager=False, chunked=False))  # caches the plain graph
+    llm = start_engine(directory, probed_path, monkeypatch, eager=False, chunked=False)
     try:
-        keys = [(1.2, "all", 0), (0.0, "all", 0), (0.4, "all", 1)]
-        outputs = generate(llm, [ids[i] for _a, _p, i in keys], [{"antidote_alpha": a} for a, _p, _i in keys])
-        mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), reference[key])]
+        keys = [(1.2, "all", 0), (0.0, "all", 0), (0.4, "all", 1), ("gated", 1), ("gated", 3), ("scaled", 2)]
+        settings = [{"antidote_alpha": a} for a, _p, _i in keys[:3]]
+        settings += [{"antidote_alpha": 1.2, "antidote_mode": mode, "antidote_threshold": 0.5} for mode, _i in keys[3:]]
+        expected = [reference[key] for key in keys[:3]] + [gated_reference[key][0] for key in keys[3:]]
+        outputs = generate(llm, [ids[key[-1]] for key in keys], settings)
+        mismatched = [key for key, out, want in zip(keys, outputs, expected)
+                      if not same_as_reference(token_ids(out), want)]  # fmt: skip
         assert not mismatched, f"compiled engine differs from transformers: {mismatched}"
+    finally:
+        stop_engine(llm)
+
+
+def test_vllm_gated_and_scaled_modes_match_the_transformers_engine(served, probed, monkeypatch):
+    """The probe read in the prompt's own prefill, inside a mixed batch (gated, scaled, fixed, alpha 0): the
+    same answers as transformers, and each request alone answers as in the batch."""
+    directory, _path, ids, reference = served
+    probed_path, gated_reference = probed
+    llm = start_engine(directory, probed_path, monkeypatch, chunked=False)
+    try:
+        keys = [(mode, i) for mode in ("gated", "scaled") for i in range(len(ids))]
+        settings = [{"antidote_alpha": 1.2, "antidote_mode": mode, "antidote_threshold": 0.5} for mode, _i in keys]
+        keys += [("fixed", 0), ("zero", 1)]
+        settings += [{"antidote_alpha": 1.2}, {"antidote_alpha": 0, "antidote_mode": "gated"}]
+        expected = {**{key: ids_ for key, (ids_, _p) in gated_reference.items()},
+                    ("fixed", 0): reference[(1.2, "all", 0)], ("zero", 1): reference[(0.0, "all", 1)]}  # fmt: skip
+        outputs = generate(llm, [ids[i] for _m, i in keys], settings)
+        mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), expected[key])]
+        assert not mismatched, f"differ from transformers: {mismatched}"
+        gated_open = [i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5]
+        shut = [i for i in range(len(ids)) if i not in gated_open]
+        assert all(expected[("gated", i)] == reference[(0.0, "all", i)] for i in shut)  # shut: the plain answer
+        assert any(expected[("gated", i)] != reference[(0.0, "all", i)] for i in gated_open)  # open: steered
+        for key, setting, out in list(zip(keys, settings, outputs))[::3]:
+            alone = generate(llm, [ids[key[1]]], [setting])
+            assert token_ids(alone[0]) == token_ids(out), key
+    finally:
+        stop_engine(llm)
+
+
+def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):
+    """An engine that splits prompts refuses a probe-mode default at start (one line, the fix) and probe-mode
+    requests with a 400, and keeps serving fixed ones."""
+    from vllm.exceptions import VLLMValidationError
+
+    directory, _path, ids, _reference = served
+    probed_path, _gated_reference = probed
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_MODE", "gated")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_ALPHA", "1.2")
+    with pytest.raises(RuntimeError, match="start it with --no-enable-chunked-prefill"):
+        start_engine(directory, probed_path, monkeypatch)
+    monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
+    llm = start_engine(directory, probed_path, monkeypatch)
+    try:
+        with pytest.raises(VLLMValidationError, match="antidote_mode 'scaled' reads the whole prompt"):
+            generate(llm, [ids[0]], [{"antidote_mode": "scaled"}])
+        assert token_ids(generate(llm, [ids[0]], [{}])[0])
     finally:
         stop_engine(llm)
 
@@ -346,3 +541,20 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_vllm_probe_modes_are_refused_where_a_prompt_is_not_read_whole():
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.frontend import probe_modes_refused
+
+    def engine(chunked: bool = False, long_prefill: int = 0, stages: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(
+            scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked, long_prefill_token_threshold=long_prefill),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=stages),
+        )
+
+    assert probe_modes_refused(engine()) is None
+    assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(chunked=True))
+    assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(long_prefill=256))
+    assert "pipeline parallelism" in probe_modes_refused(engine(stages=2))

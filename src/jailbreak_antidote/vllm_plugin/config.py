@@ -21,30 +21,41 @@ ENV_ALPHA = "JAILBREAK_ANTIDOTE_VLLM_ALPHA"
 ENV_ALPHA_MIN = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MIN"
 ENV_ALPHA_MAX = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"
 ENV_POSITIONS = "JAILBREAK_ANTIDOTE_VLLM_POSITIONS"
+ENV_MODE = "JAILBREAK_ANTIDOTE_VLLM_MODE"
+ENV_THRESHOLD = "JAILBREAK_ANTIDOTE_VLLM_THRESHOLD"
 
 # Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
 FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions")
-# Modes this version of the plugin applies; the probe-read modes need a per-request probe inside the engine's
-# flattened batch, which is not built yet (use `antidote serve` for them).
-PLUGIN_MODES = ("fixed",)
+# Modes the plugin applies. The output monitor (mode "monitor") steers from a generated token on, which the
+# engine's per-step buffers do not carry yet: serve it with `antidote serve`.
+PLUGIN_MODES = ("fixed", "gated", "scaled")
+PROBE_MODES = ("gated", "scaled")  # the strength depends on the harm probe read over the whole prompt
 POSITIONS_CODE = {name: code for code, name in enumerate(POSITIONS)}  # the runner's per-request policy array
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One request's steering: strength alpha (0 = the unmodified model, bit for bit) and positions policy."""
+    """One request's steering: strength alpha (0 = the unmodified model, bit for bit), positions policy, and
+    mode (fixed; gated or scaled by the harm probe at `threshold`, as `steer.Gate`)."""
 
     alpha: float
     positions: str = "all"
     mode: str = "fixed"
+    threshold: float = 0.5
 
     @property
     def steered(self) -> bool:
         return self.alpha != 0.0
 
+    @property
+    def reads_probe(self) -> bool:
+        """Whether the strength waits for the probe: the prompt must be read whole, in one engine step."""
+        return self.steered and self.mode in PROBE_MODES
+
     def cache_salt(self) -> str:
         """What keeps prefix-cache blocks computed under this setting from serving another setting."""
-        return f"antidote:{self.mode}:{self.alpha!r}:{self.positions}"
+        gate = f":{self.threshold!r}" if self.mode == "gated" else ""
+        return f"antidote:{self.mode}{gate}:{self.alpha!r}:{self.positions}"
 
 
 @dataclass(frozen=True)
@@ -55,12 +66,14 @@ class PluginConfig:
     default: Setting
     alpha_min: float
     alpha_max: float
+    has_probe: bool = False
 
     def setting(self, extra_args: dict[str, Any] | None) -> Setting:
         """The setting of a request with these extra_args; absent fields take the defaults.
 
         Raises InvalidParameter (one line naming the field and the fix) for an unknown antidote_* field, a
-        value of the wrong type, an alpha outside [alpha_min, alpha_max], or a mode or policy not served."""
+        value of the wrong type, an alpha outside [alpha_min, alpha_max], a threshold outside [0, 1], a mode or
+        policy not served, or a probe mode on an antidote without a harm probe."""
         given = {k: v for k, v in (extra_args or {}).items() if k.startswith("antidote")}
         unknown = sorted(set(given) - set(FIELDS))
         if unknown:
@@ -73,19 +86,37 @@ class PluginConfig:
                     f"antidote_alpha {alpha:g} is outside the allowed range [{self.alpha_min:g}, {self.alpha_max:g}]"
                 )
         mode = str(given.get("antidote_mode", self.default.mode))
-        if mode not in MODES:
-            raise InvalidParameter(f"antidote_mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode not in PLUGIN_MODES:
-            raise InvalidParameter(
-                f"antidote_mode {mode!r} is not applied by the vLLM plugin yet (it applies {', '.join(PLUGIN_MODES)}); "
-                "serve the probe-read modes with `antidote serve`"
-            )
+        check_mode(mode, self.has_probe, "antidote_mode")
+        threshold = self.default.threshold
         if "antidote_threshold" in given:
-            _number(given["antidote_threshold"], "antidote_threshold")  # checked, then unused by the fixed mode
+            name = "antidote_threshold"
+            threshold = check_threshold(_number(given[name], name), name)
         positions = str(given.get("antidote_positions", self.default.positions))
         if positions not in POSITIONS:
             raise InvalidParameter(f"antidote_positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-        return Setting(alpha=alpha, positions=positions, mode=mode)
+        return Setting(alpha=alpha, positions=positions, mode=mode, threshold=threshold)
+
+
+def check_mode(mode: str, has_probe: bool, name: str) -> str:
+    if mode not in MODES:
+        raise InvalidParameter(f"{name} must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in PLUGIN_MODES:
+        raise InvalidParameter(
+            f"{name} {mode!r} is not applied by the vLLM plugin (it applies {', '.join(PLUGIN_MODES)}); serve the "
+            "output monitor with `antidote serve`"
+        )
+    if mode in PROBE_MODES and not has_probe:
+        raise InvalidParameter(
+            f"{name} {mode!r} needs the antidote's harm probe, and this antidote has none; add one with "
+            "`antidote probe`, or use mode fixed"
+        )
+    return mode
+
+
+def check_threshold(threshold: float, name: str) -> float:
+    if not 0 <= threshold <= 1:
+        raise InvalidParameter(f"{name} is a harm probability in [0, 1], got {threshold:g}")
+    return threshold
 
 
 def _number(value: Any, name: str) -> float:
@@ -110,9 +141,10 @@ def config_from_environment() -> PluginConfig | None:
     plugin then does nothing). Cached per process.
 
     Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
-    the range, or an artifact this plugin cannot apply (input-dependent readouts, a probe-read tuned mode)."""
-    return _config(os.environ.get(ENV_ANTIDOTE) or None, os.environ.get(ENV_ALPHA), os.environ.get(ENV_ALPHA_MIN),
-                   os.environ.get(ENV_ALPHA_MAX), os.environ.get(ENV_POSITIONS))  # fmt: skip
+    the range, or an artifact or default this plugin cannot apply (input-dependent readouts, the monitor mode,
+    a probe mode without a probe)."""
+    environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD)
+    return _config(os.environ.get(ENV_ANTIDOTE) or None, *(os.environ.get(name) for name in environment))
 
 
 @cache
@@ -131,13 +163,19 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     alpha = _env_number(ENV_ALPHA)
     low = _env_number(ENV_ALPHA_MIN)
     default, low, high = strength_defaults(antidote, alpha, 0.0 if low is None else low, _env_number(ENV_ALPHA_MAX))
-    mode, _threshold = antidote.default_mode
-    if alpha is None and mode not in PLUGIN_MODES:
+    tuned_mode, tuned_threshold = antidote.default_mode
+    mode = os.environ.get(ENV_MODE) or tuned_mode
+    has_probe = antidote.probe is not None
+    if mode == "monitor" and not os.environ.get(ENV_MODE):
         raise InvalidParameter(
-            f"{path} is tuned for mode {mode!r}, which the vLLM plugin does not apply yet; set {ENV_ALPHA} to serve "
-            "it in fixed mode, or serve it with `antidote serve`"
+            f"{path} is tuned for the output monitor (mode monitor), which the vLLM plugin does not apply; set "
+            f"{ENV_MODE}=gated (the same probe and threshold, without the monitor), or serve it with `antidote serve`"
         )
+    check_mode(mode, has_probe, ENV_MODE)
+    threshold = _env_number(ENV_THRESHOLD)
+    threshold = tuned_threshold if threshold is None else check_threshold(threshold, ENV_THRESHOLD)
     positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions
     if positions not in POSITIONS:
         raise InvalidParameter(f"{ENV_POSITIONS} must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    return PluginConfig(Path(path), Setting(alpha=default, positions=positions), low, high)
+    default_setting = Setting(alpha=default, positions=positions, mode=mode, threshold=threshold)
+    return PluginConfig(Path(path), default_setting, low, high, has_probe=has_probe)

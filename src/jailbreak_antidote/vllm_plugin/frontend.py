@@ -3,7 +3,9 @@ checked before it reaches the engine (a bad one is vLLM's validation error: HTTP
 format, vllm.exceptions.VLLMValidationError offline), and a steered request's prefix-cache blocks are salted
 with its setting, so that a prompt prefix computed at one setting is never reused at another. Unsteered
 requests (alpha 0) keep no salt of ours: their blocks are the plain model's, shared with every other
-unsteered request. A client's own salt is kept in its own namespace."""
+unsteered request. A client's own salt is kept in its own namespace. Gated and scaled requests read the harm
+probe over the whole prompt in one engine step: they are refused (one line: the fix) by an engine that splits
+prompts (chunked prefill) or pipelines layers across ranks, and read no prefix-cache blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,20 @@ import functools
 from typing import Any
 
 from ..errors import InvalidParameter
-from .config import Setting, config_from_environment
+from .config import ENV_MODE, Setting, config_from_environment
+
+
+def probe_modes_refused(vllm_config: Any) -> str | None:
+    """Why this engine cannot apply the gated and scaled modes (None: it can). The probe pools every prompt
+    token before the later blocks are steered, so a prompt must be read whole in one step, on one rank."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.enable_chunked_prefill or scheduler.long_prefill_token_threshold > 0:
+        return ("reads the whole prompt in one engine step, and this engine splits prompts (chunked prefill): "
+                "start it with --no-enable-chunked-prefill (LLM(enable_chunked_prefill=False)) and "
+                "--max-num-batched-tokens at least --max-model-len")  # fmt: skip
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return "is not applied under pipeline parallelism (the probe's block and the later ones may sit on other ranks)"
+    return None
 
 
 def patch_engine_config() -> None:
@@ -37,6 +52,11 @@ def patch_engine_config() -> None:
                 "this engine runs vLLM's Model Runner V2 (forced by a feature such as watermarking), which the "
                 "antidote plugin does not patch: the steering would be lost; disable that feature or unset "
                 "JAILBREAK_ANTIDOTE_VLLM"
+            )
+        refused = probe_modes_refused(vllm_config) if config is not None and config.default.reads_probe else None
+        if refused is not None:
+            raise RuntimeError(
+                f"the antidote's default mode {config.default.mode!r} {refused}; or set {ENV_MODE}=fixed"
             )
         if config is not None:
             from ..antidote import Antidote
@@ -77,11 +97,15 @@ def _checked_and_salted(process):
         if config is not None and isinstance(params, SamplingParams):
             try:
                 setting = config.setting(params.extra_args)
+                refused = probe_modes_refused(self.vllm_config) if setting.reads_probe else None
+                if refused is not None:
+                    raise InvalidParameter(f"antidote_mode {setting.mode!r} {refused}; or use antidote_mode fixed")
             except InvalidParameter as error:
                 raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
-        if setting is not None and setting.steered and setting.positions != "all":
+        if setting is not None and setting.steered and (setting.positions != "all" or setting.reads_probe):
             # vLLM also caches blocks of generated tokens, which a later prompt (the next chat turn) may share;
-            # under "prompt" or "generated" the same token is steered in one role and not in the other.
+            # under "prompt" or "generated" the same token is steered in one role and not in the other. A probe
+            # mode's prompt blocks depend on the whole prompt's score, and the probe must read every token.
             params.skip_reading_prefix_cache = True
         request = process(self, request_id, prompt, params, *args, **kwargs)
         if setting is not None:

@@ -3,58 +3,111 @@
 After the model loads, a forward hook on each selected decoder layer adds `scale[t] * v_l` to the layer's
 first output. vLLM's decoder layers return (mlp output, residual) and the next layer's fused add-norm forms
 their sum, the residual stream; adding to exactly one of the two adds once to the block output that the
-transformers path steers. `scale` is one persistent buffer, a float per token of the flattened batch, written
-before each forward from each request's setting (alpha, and the positions policy: prompt tokens are those
-before the request's prompt length). The hook has no Python branch on request state, so torch.compile and
-CUDA graphs keep it (they record the buffer, whose contents change in place); a token at alpha 0 gets
-`h + 0 * v`, the same number.
+transformers path steers. The scales are persistent buffers, a float per token of the flattened batch,
+written before each forward from each request's setting (alpha, mode, and the positions policy: prompt
+tokens are those before the request's prompt length). The hooks have no Python branch on request state, so
+torch.compile and CUDA graphs keep them (they record the buffers, whose contents change in place); a token at
+alpha 0 gets `h + 0 * v`, the same number.
+
+Gated and scaled modes (`steer.Gate`): a hook on the harm probe's block reads the block output (the sum of the
+two tensors) over each request's prompt tokens of this step, pools them per request (smooth maximum), and
+turns the probability into the request's factor, all in tensors; the blocks from the probe's on steer
+`base + pending * factor`, the earlier blocks `base` alone. A prompt waiting for its score has base 0 and
+pending alpha (so it is steered only from the probe's block on, as in transformers); its generated tokens
+know the factor (read back before the next step) and have base alpha * factor. The probe needs the whole
+prompt in one step: the front end sends probe modes only to engines without chunked prefill, and skips
+prefix-cache reads for them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import POSITIONS_CODE, PluginConfig
-from .identity import check_served_model
+from .config import POSITIONS_CODE, PluginConfig, Setting
+
+if TYPE_CHECKING:
+    from ..probe import HarmProbe
 
 logger = logging.getLogger("jailbreak_antidote.vllm")
 
 
 class TokenSteering(nn.Module):
-    """The persistent buffers: per-token scale [max_tokens] and the sparse vector of each steered layer."""
+    """The persistent buffers: per-token strengths `base` (every steered block) and `pending` (times the
+    probe's factor, from the probe's block on), per-token request index `segment` and `probed` (a prompt token
+    the probe pools), per-request `threshold` and `scaled`, and the sparse vector of each steered layer."""
 
-    def __init__(self, vectors: dict[int, torch.Tensor], max_tokens: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vectors: dict[int, torch.Tensor], max_tokens: int, max_requests: int, dtype: torch.dtype,
+                 device: torch.device, probe: HarmProbe | None = None):  # fmt: skip
         super().__init__()
-        self.register_buffer("scale", torch.zeros(max_tokens, dtype=dtype, device=device), persistent=False)
+        slots = max_requests + 1  # the last one collects tokens no request's probe reads (padding, decode)
+        for name, size, kind in [("base", max_tokens, torch.float32), ("pending", max_tokens, torch.float32),
+                                 ("segment", max_tokens, torch.long), ("probed", max_tokens, torch.bool),
+                                 ("threshold", slots, torch.float32), ("scaled", slots, torch.bool)]:  # fmt: skip
+            self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
         for layer, vector in vectors.items():
             self.register_buffer(f"vector_{layer}", vector.to(device=device, dtype=dtype), persistent=False)
         self.layers = sorted(vectors)
-        self._host = torch.zeros(max_tokens, dtype=torch.float32)
+        self.probe = probe
+        if probe is not None:
+            for name in ("weight", "mean", "std"):
+                self.register_buffer(f"probe_{name}", getattr(probe, name).to(device=device, dtype=torch.float32),
+                                     persistent=False)  # fmt: skip
+        # the probe hook's results, read by the later blocks' hooks in the same forward and by the host after it
+        self.late: dict[str, torch.Tensor] = {}
+        self._host = {name: torch.zeros_like(getattr(self, name), device="cpu")
+                      for name in ("base", "pending", "segment", "probed", "threshold", "scaled")}  # fmt: skip
 
     def hook(self, layer: int):
         vector = getattr(self, f"vector_{layer}")
-        scale = self.scale
+        base, late = self.base, self.late
+        after_probe = self.probe is not None and layer >= self.probe.layer
 
         def add(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden, residual = output
-            return hidden + scale[: hidden.shape[0]].unsqueeze(-1) * vector, residual
+            scale = late["scale"] if after_probe else base[: hidden.shape[0]].to(hidden.dtype)
+            return hidden + scale.unsqueeze(-1) * vector, residual
 
         return add
 
-    def write(self, per_token: np.ndarray) -> None:
-        """Set the scale of the first len(per_token) tokens and zero the rest (padding)."""
-        count = len(per_token)
-        if count > self._host.shape[0]:
-            raise RuntimeError(f"{count} tokens in one step, but the steering buffer holds {self._host.shape[0]}")
-        self._host.zero_()
-        self._host[:count] = torch.from_numpy(per_token)
-        self.scale.copy_(self._host, non_blocking=True)
+    def probe_hook(self):
+        """Read the probe's block output (registered before that block's steering hook: the unsteered output,
+        as in transformers), pool p(harmful) per request, and set the scale of the blocks from here on."""
+        probe, late = self.probe, self.late
+        slots = self.threshold.shape[0]
+
+        def read(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden, residual = output
+            count = hidden.shape[0]
+            state = (hidden + residual).float()
+            z = ((state - self.probe_mean) / self.probe_std) @ self.probe_weight + probe.bias
+            segment = self.segment[:count]
+            z = torch.where(self.probed[:count], z / probe.tau, -torch.inf)
+            peak = torch.full((slots,), -torch.inf, device=z.device).scatter_reduce(0, segment, z, "amax")
+            peak = torch.where(torch.isfinite(peak), peak, 0.0)
+            total = torch.zeros(slots, device=z.device).index_add(0, segment, torch.exp(z - peak[segment]))
+            pooled = probe.tau * (peak + torch.log(total))
+            probability = torch.where(total > 0, torch.sigmoid(probe.scale * pooled + probe.offset), 0.0)
+            factor = torch.where(self.scaled, probability, (probability >= self.threshold).float())
+            late["probability"] = probability
+            late["scale"] = (self.base[:count] + self.pending[:count] * factor[segment]).to(hidden.dtype)
+
+        return read
+
+    def write(self, **arrays: np.ndarray) -> None:
+        """Set each buffer's first len(array) entries and reset the rest (padding: no steering, no probe)."""
+        for name, array in arrays.items():
+            host = self._host[name]
+            if len(array) > host.shape[0]:
+                raise RuntimeError(f"{len(array)} entries in one step, but the {name} buffer holds {host.shape[0]}")
+            host.fill_(self.threshold.shape[0] - 1 if name == "segment" else 0)
+            host[: len(array)] = torch.from_numpy(array)
+            getattr(self, name).copy_(host, non_blocking=True)
 
 
 def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -66,8 +119,10 @@ def decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 def attach(runner: Any, config: PluginConfig) -> None:
-    """Check the served model against the antidote, then hook the steered layers this rank holds."""
+    """Check the served model against the antidote, then hook the steered layers this rank holds (and the
+    probe's block, when the antidote has a probe)."""
     from ..antidote import Antidote
+    from .identity import check_served_model
 
     antidote = Antidote.load(config.path)
     hf_config = runner.model_config.hf_config
@@ -78,48 +133,115 @@ def attach(runner: Any, config: PluginConfig) -> None:
     end = getattr(getattr(model, "model", model), "end_layer", len(layers))
     vectors = {layer: v for layer, v in antidote.vectors().items() if start <= layer < end}  # pipeline stage
     max_tokens = int(runner.max_num_tokens) + int(getattr(runner, "max_num_reqs", 0)) + 512  # room for padding
+    max_requests = int(getattr(runner, "max_num_reqs", 0)) or max_tokens
+    probe = antidote.probe if antidote.probe is not None and start <= antidote.probe.layer < end else None
     # the activations' dtype and device (a quantised or offloaded first parameter would mislead)
-    steering = TokenSteering(vectors, max_tokens, runner.model_config.dtype, runner.device)
+    steering = TokenSteering(vectors, max_tokens, max_requests, runner.model_config.dtype, runner.device, probe)
     model.add_module("antidote_steering", steering)
-    runner._antidote = (config, steering, {})
+    runner._antidote = RunnerState(config, steering)
+    if probe is not None:  # registered first: it reads the block's output before that block is steered
+        layers[probe.layer].register_forward_hook(steering.probe_hook())
     for layer in vectors:
         layers[layer].register_forward_hook(steering.hook(layer))
-    logger.info("antidote %s on layers %s (of %d here), default %s", config.path, sorted(vectors), end - start,
-                config.default)  # fmt: skip
+    logger.info("antidote %s on layers %s (of %d here), probe %s, default %s", config.path, sorted(vectors),
+                end - start, None if probe is None else f"at layer {probe.layer}", config.default)  # fmt: skip
 
 
-def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
-    """Each scheduled token's alpha under its request's setting and positions policy, into the buffer."""
-    config, steering, settings = runner._antidote
+class RunnerState:
+    """Per engine: each live request's setting, the probe's probability and factor once read, and which batch
+    rows the last step probed (their probabilities are read back before the next step)."""
+
+    def __init__(self, config: PluginConfig, steering: TokenSteering):
+        self.config, self.steering = config, steering
+        self.settings: dict[str, Setting] = {}
+        self.probability: dict[str, float] = {}
+        self.last_probed: list[tuple[str, int]] = []
+        self.read: torch.Tensor | None = None  # the last step's probabilities per batch row, kept on the device
+
+    def keep_read(self) -> None:
+        """After a step's forward: keep its probabilities (a device copy, no wait), before a later forward (a
+        dummy run, a CUDA graph replay) overwrites them."""
+        if self.last_probed and "probability" in self.steering.late:
+            self.read = self.steering.late["probability"].clone()
+
+    def factor(self, request_id: str) -> float | None:
+        """The multiplier of the request's alpha (None while its probe score is not known)."""
+        setting = self.settings[request_id]
+        if setting.mode not in ("gated", "scaled"):
+            return 1.0
+        probability = self.probability.get(request_id)
+        if probability is None:
+            return None
+        if setting.mode == "scaled":
+            return probability
+        return 1.0 if np.float32(probability) >= np.float32(setting.threshold) else 0.0
+
+    def read_back(self) -> None:
+        """Before a step: the probabilities the previous step's probe read (kept: a preempted request's prompt,
+        read again, keeps the factor its answer was steered with)."""
+        if self.last_probed and self.read is not None:
+            values = self.read.float().cpu().numpy()
+            for request_id, row in self.last_probed:
+                self.probability.setdefault(request_id, float(values[row]))
+        self.last_probed, self.read = [], None
+
+    def forget(self, finished: set[str]) -> None:
+        for request_id in finished:
+            self.settings.pop(request_id, None)
+            self.probability.pop(request_id, None)
+
+
+def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: set[str]) -> None:
+    """Each scheduled token's strengths under its request's setting and positions policy, into the buffers."""
+    state: RunnerState = runner._antidote
+    state.read_back()
+    state.forget(finished)
     batch = runner.input_batch
     num_reqs = batch.num_reqs
+    request_ids = list(batch.req_ids[:num_reqs])
+    counts = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+    computed = np.asarray(batch.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
     alphas = np.zeros(num_reqs, dtype=np.float32)
+    known = np.zeros(num_reqs, dtype=np.float32)  # the factor (0 while a probe mode's score is not known)
+    probe_mode = np.zeros(num_reqs, dtype=bool)
+    thresholds = np.zeros(num_reqs, dtype=np.float32)
+    scaled = np.zeros(num_reqs, dtype=bool)
     prompt_lengths = np.zeros(num_reqs, dtype=np.int64)
     policies = np.zeros(num_reqs, dtype=np.int8)
-    live = set(batch.req_ids[:num_reqs])
-    for stale in [r for r in settings if r not in live]:
-        del settings[stale]  # finished or preempted requests
-    for i, request_id in enumerate(batch.req_ids[:num_reqs]):
-        state = runner.requests[request_id]
-        setting = settings.get(request_id)
+    for i, request_id in enumerate(request_ids):
+        request = runner.requests[request_id]
+        setting = state.settings.get(request_id)
         if setting is None:
-            params = state.sampling_params
-            setting = settings[request_id] = config.setting(params.extra_args if params is not None else None)
-        alphas[i], policies[i], prompt_lengths[i] = (
-            setting.alpha,
-            POSITIONS_CODE[setting.positions],
-            state.num_prompt_tokens,
-        )
-    counts = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+            params = request.sampling_params
+            setting = state.settings[request_id] = state.config.setting(params.extra_args if params else None)
+        factor = state.factor(request_id)
+        alphas[i], known[i], probe_mode[i] = setting.alpha, 0.0 if factor is None else factor, setting.reads_probe
+        thresholds[i], scaled[i] = setting.threshold, setting.mode == "scaled"
+        policies[i], prompt_lengths[i] = POSITIONS_CODE[setting.positions], request.num_prompt_tokens
     owner = np.repeat(np.arange(num_reqs), counts)
-    offset = np.arange(owner.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
-    position = batch.num_computed_tokens_cpu[:num_reqs][owner] + offset
+    position = computed[owner] + np.arange(owner.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
     in_prompt = position < prompt_lengths[owner]
     policy = policies[owner]
     keep = np.where(
         policy == POSITIONS_CODE["all"], True, np.where(policy == POSITIONS_CODE["prompt"], in_prompt, ~in_prompt)
     )
-    steering.write((alphas[owner] * keep).astype(np.float32))
+    strength = alphas[owner] * keep
+    # The probe pools a prompt read whole in this step: a probe mode's always is (the front end sends those
+    # only to engines without chunked prefill, and skips their prefix-cache reads); a fixed request's prompt
+    # read in parts gets no score. A probe mode's prompt tokens wait for this step's factor, also when a
+    # preempted request's prompt is read again; its generated tokens take the factor read before.
+    reads = ((computed == 0) & (counts >= prompt_lengths)) | (probe_mode & (computed < prompt_lengths))
+    pending = in_prompt & probe_mode[owner]
+    state.steering.write(
+        base=np.where(pending, 0.0, strength * known[owner]).astype(np.float32),
+        pending=np.where(pending, strength, 0.0).astype(np.float32),
+        segment=owner.astype(np.int64),
+        probed=in_prompt & reads[owner],
+        threshold=thresholds,
+        scaled=scaled,
+    )
+    if state.steering.probe is not None:
+        state.last_probed = [(request_ids[i], int(i)) for i in np.flatnonzero(reads)]
 
 
 def patch_model_runners() -> None:
@@ -140,6 +262,9 @@ def patch_model_runners() -> None:
     prepare = GPUModelRunner._prepare_inputs
     if not getattr(prepare, "_antidote", False):
         GPUModelRunner._prepare_inputs = _after_prepare(prepare)
+    execute = GPUModelRunner.execute_model
+    if not getattr(execute, "_antidote", False):
+        GPUModelRunner.execute_model = _after_execute(execute)
 
 
 def _after_load(load):
@@ -161,8 +286,20 @@ def _after_prepare(prepare):
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any):
         result = prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if getattr(self, "_antidote", None) is not None:
-            write_token_scales(self, num_scheduled_tokens)
+            write_token_scales(self, num_scheduled_tokens, set(scheduler_output.finished_req_ids))
         return result
 
     _prepare_inputs._antidote = True
     return _prepare_inputs
+
+
+def _after_execute(execute):
+    @functools.wraps(execute)
+    def execute_model(self, *args: Any, **kwargs: Any):
+        result = execute(self, *args, **kwargs)
+        if getattr(self, "_antidote", None) is not None:
+            self._antidote.keep_read()
+        return result
+
+    execute_model._antidote = True
+    return execute_model
