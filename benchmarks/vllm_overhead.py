@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile / CUDA graphs instead of eager")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--memory-utilization", type=float, default=None,
+                        help="vLLM's gpu_memory_utilization (on the CPU build: the share of RAM it expects free at "
+                        "start; lower it when other jobs run) [default: vLLM's]")  # fmt: skip
     parser.add_argument("--mode", choices=["fixed", "gated", "scaled"], default="fixed")
     parser.add_argument("--threshold", type=float, default=0.0, help="gated: 0 steers every request (the full cost)")
     args = parser.parse_args()
@@ -75,6 +78,8 @@ def main() -> int:
     os.environ["JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"] = str(max(alpha, 1e-9))
     model = args.model or str(bundled.converted_dir(bundled.get(bundled.DEFAULT_MODEL)))
     engine_args: dict[str, object] = {"tensor_parallel_size": args.tensor_parallel_size}
+    if args.memory_utilization is not None:
+        engine_args["gpu_memory_utilization"] = args.memory_utilization
     if args.mode != "fixed":
         if antidote.probe is None:
             print(f"error: --mode {args.mode} needs a harm probe in {args.antidote}; add one with `antidote probe`",

