@@ -185,15 +185,48 @@ def test_vllm_runner_writes_each_tokens_strength_and_keeps_the_probes_factor():
     first = step(["g", "f"], [0, 0], [3, 2])  # both prompts whole
     assert first == {"base": [0, 0, 0, 0.5, 0.5], "pending": [1.5, 1.5, 1.5, 0, 0], "probed": [True] * 5}
     steering.late["probability"] = torch.tensor([0.7, 0.1, 0, 0, 0])  # what the probe hook read
-    runner._antidote.keep_read()
+    runner._antidote.read_probe()
+    assert runner._antidote.take_fresh() == {"g": pytest.approx(0.7), "f": pytest.approx(0.1)}  # to the client
+    assert runner._antidote.take_fresh() == {}  # sent once
     second = step(["g", "f"], [3, 2], [1, 1])  # decode: g's gate opened (0.7 >= 0.4)
     assert second == {"base": [1.5, 0.5], "pending": [0, 0], "probed": [False, False]}
-    assert runner._antidote.probability == {"g": pytest.approx(0.7), "f": pytest.approx(0.1)}
-    runner._antidote.keep_read()
+    runner._antidote.read_probe()
     again = step(["g"], [0], [5], finished=("f",))  # g preempted, read again: 3 prompt + 2 answer tokens
     assert again == {"base": [0, 0, 0, 1.5, 1.5], "pending": [1.5, 1.5, 1.5, 0, 0],
                      "probed": [True, True, True, False, False]}  # fmt: skip
-    assert "f" not in runner._antidote.probability and "f" not in runner._antidote.settings
+    steering.late["probability"] = torch.tensor([0.2, 0, 0, 0, 0])  # the same prompt read again
+    runner._antidote.read_probe()
+    assert runner._antidote.probability == {"g": pytest.approx(0.7)}  # keeps the factor its answer had
+    assert "f" not in runner._antidote.settings and runner._antidote.take_fresh() == {}
+
+
+def test_vllm_scheduler_returns_each_finished_requests_harm_score():
+    """The step outputs' scores are held for live requests and returned once, with the finished request's
+    kv_transfer_params (beside a KV connector's own fields)."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.scores import OUTPUT_FIELD, RESPONSE_KEY, _collecting, _returning
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.requests = {"a": object(), "b": object()}
+
+        def update_from_output(self, scheduler_output: object, model_runner_output: object) -> str:
+            return "outputs"
+
+        def _free_request(self, request: SimpleNamespace) -> tuple:
+            return ({"remote": 1} if request.request_id == "b" else None), None
+
+    Scheduler.update_from_output = _collecting(Scheduler.update_from_output)
+    Scheduler._free_request = _returning(Scheduler._free_request)
+    scheduler = Scheduler()
+    step_output = SimpleNamespace(**{OUTPUT_FIELD: {"a": 0.9, "b": 0.2, "gone": 0.5}})
+    assert scheduler.update_from_output(None, step_output) == "outputs"
+    assert scheduler.update_from_output(None, SimpleNamespace()) == "outputs"  # a step without scores
+    assert scheduler._free_request(SimpleNamespace(request_id="a")) == ({RESPONSE_KEY: 0.9}, None)
+    assert scheduler._free_request(SimpleNamespace(request_id="b")) == ({"remote": 1, RESPONSE_KEY: 0.2}, None)
+    assert scheduler._free_request(SimpleNamespace(request_id="a")) == (None, None)  # returned once
+    assert scheduler._antidote_scores == {}  # the unknown request's score was never held
 
 
 # ----- engines ------------------------------------------------------------------------------------------
@@ -449,6 +482,11 @@ def test_vllm_gated_and_scaled_modes_match_the_transformers_engine(served, probe
         outputs = generate(llm, [ids[i] for _m, i in keys], settings)
         mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), expected[key])]
         assert not mismatched, f"differ from transformers: {mismatched}"
+        for key, out in zip(keys, outputs):  # the harm score comes back with each answer
+            score = out.kv_transfer_params["antidote_harm_score"]
+            if key in gated_reference:
+                assert score == pytest.approx(gated_reference[key][1], rel=1e-3, abs=1e-6), key
+            assert 0 <= score <= 1
         gated_open = [i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5]
         shut = [i for i in range(len(ids)) if i not in gated_open]
         assert all(expected[("gated", i)] == reference[(0.0, "all", i)] for i in shut)  # shut: the plain answer
@@ -505,10 +543,11 @@ def post(port: int, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, tmp_path):
-    directory, path, ids, reference = served
+def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tmp_path):
+    directory, _path, ids, reference = served
+    probed_path, _gated_reference = probed
     port = free_port()
-    env = {**os.environ, ENV_ANTIDOTE: str(path), "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX": "2",
+    env = {**os.environ, ENV_ANTIDOTE: str(probed_path), "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX": "2",
            "VLLM_CPU_KVCACHE_SPACE": "1"}  # fmt: skip
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
@@ -528,6 +567,7 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, tmp_path):
                 "vllm_xargs": {"antidote_alpha": 1.2}}  # fmt: skip
         status, answer = post(port, body)
         assert status == 200, answer
+        assert 0 <= answer["kv_transfer_params"]["antidote_harm_score"] <= 1  # the probe's score, to the client
         steered_text = answer["choices"][0]["text"]
         status, answer = post(port, {**body, "vllm_xargs": {"antidote_alpha": 0}})
         assert status == 200 and answer["choices"][0]["text"] != steered_text

@@ -55,10 +55,12 @@ def register() -> None:
         use_runner_v1()
     from .frontend import patch_engine_config, patch_input_processor
     from .runner import patch_model_runners
+    from .scores import patch_scheduler
 
     patch_engine_config()
     patch_input_processor()
     patch_model_runners()
+    patch_scheduler()
     salt_compile_cache()
 
 

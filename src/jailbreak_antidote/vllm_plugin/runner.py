@@ -148,21 +148,16 @@ def attach(runner: Any, config: PluginConfig) -> None:
 
 
 class RunnerState:
-    """Per engine: each live request's setting, the probe's probability and factor once read, and which batch
-    rows the last step probed (their probabilities are read back before the next step)."""
+    """Per engine: each live request's setting, the probe's probability once read, which batch rows the step
+    probed, and the scores read in this step (sent with the step's output to the scheduler, which returns
+    them to the client: see scores.py)."""
 
     def __init__(self, config: PluginConfig, steering: TokenSteering):
         self.config, self.steering = config, steering
         self.settings: dict[str, Setting] = {}
         self.probability: dict[str, float] = {}
         self.last_probed: list[tuple[str, int]] = []
-        self.read: torch.Tensor | None = None  # the last step's probabilities per batch row, kept on the device
-
-    def keep_read(self) -> None:
-        """After a step's forward: keep its probabilities (a device copy, no wait), before a later forward (a
-        dummy run, a CUDA graph replay) overwrites them."""
-        if self.last_probed and "probability" in self.steering.late:
-            self.read = self.steering.late["probability"].clone()
+        self.fresh: dict[str, float] = {}
 
     def factor(self, request_id: str) -> float | None:
         """The multiplier of the request's alpha (None while its probe score is not known)."""
@@ -176,14 +171,19 @@ class RunnerState:
             return probability
         return 1.0 if np.float32(probability) >= np.float32(setting.threshold) else 0.0
 
-    def read_back(self) -> None:
-        """Before a step: the probabilities the previous step's probe read (kept: a preempted request's prompt,
-        read again, keeps the factor its answer was steered with)."""
-        if self.last_probed and self.read is not None:
-            values = self.read.float().cpu().numpy()
+    def read_probe(self) -> None:
+        """After a step's forward: the probabilities its probe read (a small copy to the host, only in steps
+        that read a prompt). A preempted request, read again, keeps the probability its answer was steered by."""
+        if self.last_probed and "probability" in self.steering.late:
+            values = self.steering.late["probability"].float().cpu().numpy()
             for request_id, row in self.last_probed:
-                self.probability.setdefault(request_id, float(values[row]))
-        self.last_probed, self.read = [], None
+                if request_id not in self.probability:
+                    self.probability[request_id] = self.fresh[request_id] = float(values[row])
+        self.last_probed = []
+
+    def take_fresh(self) -> dict[str, float]:
+        fresh, self.fresh = self.fresh, {}
+        return fresh
 
     def forget(self, finished: set[str]) -> None:
         for request_id in finished:
@@ -194,7 +194,6 @@ class RunnerState:
 def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: set[str]) -> None:
     """Each scheduled token's strengths under its request's setting and positions policy, into the buffers."""
     state: RunnerState = runner._antidote
-    state.read_back()
     state.forget(finished)
     batch = runner.input_batch
     num_reqs = batch.num_reqs
@@ -265,6 +264,9 @@ def patch_model_runners() -> None:
     execute = GPUModelRunner.execute_model
     if not getattr(execute, "_antidote", False):
         GPUModelRunner.execute_model = _after_execute(execute)
+    sample = GPUModelRunner.sample_tokens
+    if not getattr(sample, "_antidote", False):
+        GPUModelRunner.sample_tokens = _after_sample(sample)
 
 
 def _after_load(load):
@@ -298,8 +300,37 @@ def _after_execute(execute):
     def execute_model(self, *args: Any, **kwargs: Any):
         result = execute(self, *args, **kwargs)
         if getattr(self, "_antidote", None) is not None:
-            self._antidote.keep_read()
+            self._antidote.read_probe()  # before any later forward (a dummy run) overwrites the probe's result
         return result
 
     execute_model._antidote = True
     return execute_model
+
+
+def _after_sample(sample):
+    """The step's output carries the harm scores read in it, {request id: p}, to the scheduler."""
+
+    @functools.wraps(sample)
+    def sample_tokens(self, *args: Any, **kwargs: Any):
+        output = sample(self, *args, **kwargs)
+        fresh = self._antidote.take_fresh() if getattr(self, "_antidote", None) is not None else {}
+        if fresh and hasattr(output, "get_output"):  # async scheduling: the output is built later
+            built = output.get_output
+
+            def get_output() -> Any:
+                return _with_scores(built(), fresh)
+
+            output.get_output = get_output
+        elif fresh and output is not None:
+            _with_scores(output, fresh)
+        return output
+
+    sample_tokens._antidote = True
+    return sample_tokens
+
+
+def _with_scores(output: Any, scores: dict[str, float]) -> Any:
+    from .scores import OUTPUT_FIELD
+
+    setattr(output, OUTPUT_FIELD, scores)
+    return output

@@ -1,0 +1,55 @@
+"""The harm score back to the client (engine-core process).
+
+The model runner reads each prompt's p(harmful) in its prefill (runner.py) and sends the step's scores with
+the step's output, `{request id: p}`. The scheduler keeps them until the request finishes and returns its
+score with the final output, in the one per-request field vLLM 0.32 carries from the engine to the client:
+`kv_transfer_params` (`RequestOutput.kv_transfer_params` offline, `"kv_transfer_params"` in a non-streaming
+OpenAI response), as {"antidote_harm_score": p}, beside whatever a KV connector puts there. Requests whose
+prompt the probe did not read whole (a fixed request split by chunked prefill or served from the prefix
+cache) have no score, as do antidotes without a probe.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+OUTPUT_FIELD = "antidote_harm_scores"  # on the runner's output: {request id: p} read in that step
+RESPONSE_KEY = "antidote_harm_score"  # in the finished request's kv_transfer_params
+
+
+def patch_scheduler() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    update = Scheduler.update_from_output
+    if not getattr(update, "_antidote", False):
+        Scheduler.update_from_output = _collecting(update)
+    free = Scheduler._free_request
+    if not getattr(free, "_antidote", False):
+        Scheduler._free_request = _returning(free)
+
+
+def _collecting(update):
+    @functools.wraps(update)
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any, *args: Any, **kwargs: Any):
+        scores = getattr(model_runner_output, OUTPUT_FIELD, None)
+        if scores:
+            held = self.__dict__.setdefault("_antidote_scores", {})
+            held.update({request_id: p for request_id, p in scores.items() if request_id in self.requests})
+        return update(self, scheduler_output, model_runner_output, *args, **kwargs)
+
+    update_from_output._antidote = True
+    return update_from_output
+
+
+def _returning(free):
+    @functools.wraps(free)
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any):
+        kv_transfer_params, ec_transfer_params = free(self, request, *args, **kwargs)
+        score = self.__dict__.get("_antidote_scores", {}).pop(request.request_id, None)
+        if score is not None:
+            kv_transfer_params = {**(kv_transfer_params or {}), RESPONSE_KEY: score}
+        return kv_transfer_params, ec_transfer_params
+
+    _free_request._antidote = True
+    return _free_request
