@@ -598,3 +598,22 @@ def test_vllm_probe_modes_are_refused_where_a_prompt_is_not_read_whole():
     assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(chunked=True))
     assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(long_prefill=256))
     assert "pipeline parallelism" in probe_modes_refused(engine(stages=2))
+
+
+def test_vllm_patches_are_installed_once_and_only_on_the_owner():
+    from jailbreak_antidote.vllm_plugin.patching import wrap_once
+
+    class Runner:
+        def load_model(self) -> list[str]:
+            return ["load"]
+
+    class CPURunner(Runner):
+        pass
+
+    def after(original):
+        return lambda self: [*original(self), "attach"]
+
+    for _ in range(2):  # vLLM may register the plugin twice
+        wrap_once(Runner, "load_model", after)
+    wrap_once(CPURunner, "load_model", after, own=True)  # inherits it: left alone
+    assert CPURunner().load_model() == ["load", "attach"]

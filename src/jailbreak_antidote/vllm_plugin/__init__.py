@@ -73,17 +73,16 @@ def salt_compile_cache() -> None:
     import vllm.envs as envs
 
     from .config import config_from_environment
+    from .patching import wrap_once
 
-    original = envs.compile_factors
-    if getattr(original, "_antidote", False):
-        return
+    def salted(original):
+        def compile_factors() -> dict[str, object]:
+            config = config_from_environment()
+            if config is None:
+                return original()
+            digest = hashlib.sha256(Path(config.path).read_bytes()).hexdigest()
+            return {**original(), "JAILBREAK_ANTIDOTE_VLLM": f"{digest}:hooks-v1"}
 
-    def compile_factors() -> dict[str, object]:
-        config = config_from_environment()
-        if config is None:
-            return original()
-        digest = hashlib.sha256(Path(config.path).read_bytes()).hexdigest()
-        return {**original(), "JAILBREAK_ANTIDOTE_VLLM": f"{digest}:hooks-v1"}
+        return compile_factors
 
-    compile_factors._antidote = True
-    envs.compile_factors = compile_factors
+    wrap_once(envs, "compile_factors", salted)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import InvalidParameter
 from .config import ENV_MODE, Setting, config_from_environment
+from .patching import wrap_once
 
 
 def probe_modes_refused(vllm_config: Any) -> str | None:
@@ -35,10 +36,10 @@ def patch_engine_config() -> None:
     process starts (the model runner checks again when it loads the weights, as a second guard)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    create = EngineArgs.create_engine_config
-    if getattr(create, "_antidote", False):
-        return
+    wrap_once(EngineArgs, "create_engine_config", _checked_config)
 
+
+def _checked_config(create):
     @functools.wraps(create)
     def create_engine_config(self, *args: Any, **kwargs: Any):
         config = config_from_environment()
@@ -66,8 +67,7 @@ def patch_engine_config() -> None:
             check_served_model(Antidote.load(config.path), model_config.model, model_config.hf_config)
         return vllm_config
 
-    create_engine_config._antidote = True
-    EngineArgs.create_engine_config = create_engine_config
+    return create_engine_config
 
 
 def salted(client_salt: str | None, setting: Setting) -> str | None:
@@ -81,9 +81,7 @@ def salted(client_salt: str | None, setting: Setting) -> str | None:
 def patch_input_processor() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    process = InputProcessor.process_inputs
-    if not getattr(process, "_antidote", False):
-        InputProcessor.process_inputs = _checked_and_salted(process)
+    wrap_once(InputProcessor, "process_inputs", _checked_and_salted)
 
 
 def _checked_and_salted(process):
@@ -112,5 +110,4 @@ def _checked_and_salted(process):
             request.cache_salt = salted(request.cache_salt, setting)
         return request
 
-    process_inputs._antidote = True
     return process_inputs

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import POSITIONS_CODE, PluginConfig, Setting
+from .patching import wrap_once
 
 if TYPE_CHECKING:
     from ..probe import HarmProbe
@@ -255,18 +256,10 @@ def patch_model_runners() -> None:
     except ImportError:  # a GPU build without the CPU runner
         pass
     for cls in classes:
-        load = cls.__dict__.get("load_model")
-        if load is not None and not getattr(load, "_antidote", False):
-            cls.load_model = _after_load(load)
-    prepare = GPUModelRunner._prepare_inputs
-    if not getattr(prepare, "_antidote", False):
-        GPUModelRunner._prepare_inputs = _after_prepare(prepare)
-    execute = GPUModelRunner.execute_model
-    if not getattr(execute, "_antidote", False):
-        GPUModelRunner.execute_model = _after_execute(execute)
-    sample = GPUModelRunner.sample_tokens
-    if not getattr(sample, "_antidote", False):
-        GPUModelRunner.sample_tokens = _after_sample(sample)
+        wrap_once(cls, "load_model", _after_load, own=True)
+    wrap_once(GPUModelRunner, "_prepare_inputs", _after_prepare)
+    wrap_once(GPUModelRunner, "execute_model", _after_execute)
+    wrap_once(GPUModelRunner, "sample_tokens", _after_sample)
 
 
 def _after_load(load):
@@ -279,7 +272,6 @@ def _after_load(load):
         if config is not None and not hasattr(self, "_antidote"):
             attach(self, config)
 
-    load_model._antidote = True
     return load_model
 
 
@@ -291,7 +283,6 @@ def _after_prepare(prepare):
             write_token_scales(self, num_scheduled_tokens, set(scheduler_output.finished_req_ids))
         return result
 
-    _prepare_inputs._antidote = True
     return _prepare_inputs
 
 
@@ -303,7 +294,6 @@ def _after_execute(execute):
             self._antidote.read_probe()  # before any later forward (a dummy run) overwrites the probe's result
         return result
 
-    execute_model._antidote = True
     return execute_model
 
 
@@ -325,7 +315,6 @@ def _after_sample(sample):
             _with_scores(output, fresh)
         return output
 
-    sample_tokens._antidote = True
     return sample_tokens
 
 

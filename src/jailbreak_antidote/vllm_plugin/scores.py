@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .patching import wrap_once
+
 OUTPUT_FIELD = "antidote_harm_scores"  # on the runner's output: {request id: p} read in that step
 RESPONSE_KEY = "antidote_harm_score"  # in the finished request's kv_transfer_params
 
@@ -21,12 +23,8 @@ RESPONSE_KEY = "antidote_harm_score"  # in the finished request's kv_transfer_pa
 def patch_scheduler() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    update = Scheduler.update_from_output
-    if not getattr(update, "_antidote", False):
-        Scheduler.update_from_output = _collecting(update)
-    free = Scheduler._free_request
-    if not getattr(free, "_antidote", False):
-        Scheduler._free_request = _returning(free)
+    wrap_once(Scheduler, "update_from_output", _collecting)
+    wrap_once(Scheduler, "_free_request", _returning)
 
 
 def _collecting(update):
@@ -38,7 +36,6 @@ def _collecting(update):
             held.update({request_id: p for request_id, p in scores.items() if request_id in self.requests})
         return update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
-    update_from_output._antidote = True
     return update_from_output
 
 
@@ -51,5 +48,4 @@ def _returning(free):
             kv_transfer_params = {**(kv_transfer_params or {}), RESPONSE_KEY: score}
         return kv_transfer_params, ec_transfer_params
 
-    _free_request._antidote = True
     return _free_request
