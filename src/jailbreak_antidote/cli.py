@@ -406,4 +406,4 @@ def demo(
 
 
 # Evaluation and serving commands live in their own modules; importing them registers them on `app`.
-from . import cli_eval, cli_export, cli_judge, cli_probe, cli_serve, cli_tune  # noqa: E402, F401
+from . import cli_eval, cli_export, cli_judge, cli_logs, cli_probe, cli_serve, cli_tune  # noqa: E402, F401

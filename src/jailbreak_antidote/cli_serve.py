@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -117,6 +118,14 @@ def serve(
         Path | None, typer.Option(help="Append one JSON line per request here [default: stderr]")
     ] = None,
     log_prompts: Annotated[bool, typer.Option(help="Also log prompt and answer text (off: counts only)")] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file of tenants (by API key or by a header), each with its default setting, allowed alpha "
+            "range, override rule and optional staged rollout (docs/SERVING.md); reloaded on SIGHUP "
+            "[default: one tenant with the settings above]"
+        ),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible chat API; each request may set its own strength with
     `{"antidote": {"alpha": 0.4}}` in the body (`extra_body` in the openai client)."""
@@ -126,6 +135,8 @@ def serve(
     from .fit import builtin_antidote
     from .generate import check_control_vector
     from .server import ServerConfig, create_app
+    from .server.app import server_limits
+    from .server.policy import load_policy
     from .steer import check_positions
 
     if max_batch < 1 or max_tokens < 1:
@@ -142,6 +153,8 @@ def serve(
         raise InvalidParameter(f"--threshold is a harm probability in [0, 1], got {threshold}")
     if positions is not None:
         check_positions(positions)
+    if policy is not None:  # the file's syntax and keys before the model loads; its values once the range is known
+        _precheck_policy(policy, api_key)
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is not None and backend == "llamacpp":
         check_control_vector(antidote, positions)  # before the model loads
@@ -169,12 +182,26 @@ def serve(
         model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
         default_threshold=threshold, default_positions=positions, alpha_min=float(low),
         alpha_max=float(high), api_key=api_key, max_tokens=max_tokens,
-        max_batch=max_batch, request_log=request_log, log_prompts=log_prompts,
+        max_batch=max_batch, request_log=request_log, log_prompts=log_prompts, policy=policy,
     )  # fmt: skip
+    tenants = None
+    if policy is not None:
+        tenants = load_policy(policy, server_limits(config, antidote, backend == "llamacpp")).labels
     err.print(f"serving {config.model_name} on http://{host}:{port}/v1", highlight=False)
     if antidote is None:
         err.print("strength in use: none (no antidote; requests may not set alpha)", highlight=False)
     else:
         summary = strength_summary(antidote, default, low, high, mode, threshold, explicit=alpha is not None)
         err.print(summary + ("" if positions == "all" else f"; steering {positions} positions only"), highlight=False)
+    if tenants is not None:
+        err.print(f"policy {policy}: tenants {', '.join(tenants)} (reload: kill -HUP {os.getpid()})", highlight=False)
     uvicorn.run(create_app(lm, tokenizer, antidote, config), host=host, port=port, log_level="warning")
+
+
+def _precheck_policy(path: Path, api_key: str | None) -> None:
+    """What can be checked in a policy file without the model: it reads, parses, has its keys in place."""
+    from .server.policy import ServerLimits, Setting, load_policy
+
+    # Wide limits: the values are checked again against the real range once the artifact is loaded.
+    wide = ServerLimits(0.0, float("inf"), True, True, Setting(0.0), server_key=api_key is not None)
+    load_policy(path, wide)

@@ -35,3 +35,7 @@ class InvalidParameter(AntidoteError, ValueError):
 
 class ContextLengthError(InvalidParameter):
     """A prompt (plus the tokens to generate) is longer than the model's context."""
+
+
+class RequestLogError(InvalidParameter):
+    """A request log given to `antidote logs` is missing, empty or holds no complete entry."""

@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP API: /v1/chat/completions (plain and streaming), /v1/models, /health, /metrics.
+"""The OpenAI-compatible HTTP API: /v1/chat/completions (plain and streaming), /v1/models, /health, /metrics,
+and the playground page (/playground).
 
 Per-request strength: the extra body field `{"antidote": {"alpha": 0.4}}` (`extra_body` in the openai
-client). Every error is an OpenAI-style JSON envelope (4xx; 500 `server_error` for a fault of the server, whatever
+client), within what the caller's tenant policy allows (policy.py; one `default` tenant without --policy).
+Every error is an OpenAI-style JSON envelope (4xx; 500 `server_error` for a fault of the server, whatever
 it is); the server keeps serving.
 """
 
@@ -9,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import secrets
+import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -30,8 +37,10 @@ from ..context import context_length, vocabulary_size
 from ..errors import InvalidParameter
 from ..eval.judges import is_refusal
 from ..models import render_prompt
+from ..steer import MODES, POSITIONS
 from .engine import BatchEngine, Delta, Finished, GenerationRequest
 from .metrics import ServerMetrics
+from .policy import ARMS, SETTING_KEYS, PolicyStore, ServerLimits, Setting, Tenant
 from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, error_body
 
@@ -59,6 +68,7 @@ class ServerConfig:
     max_queue: int = 256
     request_log: Path | None = None
     log_prompts: bool = False
+    policy: Path | None = None  # tenants, their settings and rollouts (policy.py); None: one default tenant
 
 
 class ErrorResponse(JSONResponse):
@@ -82,23 +92,42 @@ class ApiError(Exception):
 def create_app(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, antidote: Antidote | None, config: ServerConfig
 ) -> FastAPI:
+    on_llamacpp = getattr(model, "backend_name", "transformers") == "llamacpp"
+    policies = PolicyStore(config.policy, server_limits(config, antidote, on_llamacpp))  # PolicyError: bad file
     metrics = ServerMetrics(config.alpha_max)
+    metrics.declare(policies.current.labels, ARMS)
     engine = _engine(model, tokenizer, antidote, config, metrics)
     log = RequestLog(config.request_log, config.log_prompts)
     context, vocabulary = context_length(model), vocabulary_size(model)
-    on_llamacpp = getattr(model, "backend_name", "transformers") == "llamacpp"
+
+    def reload_policy() -> bool:
+        """Read the policy file again (SIGHUP); a bad file leaves the last good policy in force."""
+        problem = policies.reload()
+        metrics.policy_reloads.labels("failed" if problem else "ok").inc()
+        if problem:
+            print(f"policy reload failed, the last good policy stays in force: {problem}", file=sys.stderr)
+            return False
+        metrics.declare(policies.current.labels, ARMS)
+        print(f"policy reloaded from {config.policy}: tenants {', '.join(policies.current.labels)}", file=sys.stderr)
+        return True
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        hangup = config.policy is not None and threading.current_thread() is threading.main_thread()
+        if hangup:  # signals reach only the main thread's loop (`antidote serve`); tests call reload_policy
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy)
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             engine.stop()
             log.close()
 
     app = FastAPI(title="jailbreak-antidote", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.state.policies, app.state.reload_policy = policies, reload_policy
 
     # ----- errors: always the OpenAI envelope, never a traceback ----------------------------------
     @app.exception_handler(ApiError)
@@ -132,15 +161,28 @@ def create_app(
             metrics.requests.labels(str(response.status_code)).inc()
         return response
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
+    def authorize(request: Request) -> Tenant:
+        """The caller's tenant: by API key, by the policy's tenant header, or the one default tenant; else 401."""
+        policy = policies.current
+        token = _bearer(request)
+        if policy.keys:
+            name = next((n for key, n in policy.keys.items() if _same(token, key)), None)
+            if name is None:
+                raise ApiError(401, "missing or unknown API key (send 'Authorization: Bearer KEY' with a key the "
+                               "server's policy lists)", kind="authentication_error")  # fmt: skip
+            return policy.tenants[name]
+        if config.api_key is not None and not _same(token, config.api_key):
             raise ApiError(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY')", kind="authentication_error"
             )
+        if policy.tenant_header is None:
+            return next(iter(policy.tenants.values()))
+        value = request.headers.get(policy.tenant_header, "").strip()
+        if value not in policy.tenants:
+            shown = f"unknown tenant {value[:64]!r}" if value else "no tenant named"
+            raise ApiError(401, f"{shown} in the {policy.tenant_header} header; send the name of a tenant in the "
+                           "server's policy", kind="authentication_error")  # fmt: skip
+        return policy.tenants[value]
 
     # ----- endpoints --------------------------------------------------------------------------------
     @app.get("/health")
@@ -156,23 +198,31 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
+        tenant = authorize(request)
         card: dict[str, Any] = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "local"}
         if antidote is not None:
+            default = tenant.setting
             card["antidote"] = {
-                "default_alpha": config.default_alpha, "alpha_range": [config.alpha_min, config.alpha_max],
-                "default_mode": config.default_mode, "default_threshold": config.default_threshold,
-                "default_positions": config.default_positions, "method": antidote.method,
+                "default_alpha": default.alpha, "alpha_range": list(tenant.alpha_range),
+                "default_mode": default.mode, "default_threshold": default.threshold,
+                "default_positions": default.positions, "method": antidote.method,
                 "harm_probe": antidote.probe is not None, "layers": len(antidote.layers), "k": antidote.k,
+                "tenant": tenant.name, "allow_override": tenant.allow_override,
+                "tune_curve": _tune_curve(antidote),
             }  # fmt: skip
         return {"object": "list", "data": [card]}
 
+    @app.get("/playground")
+    async def playground() -> HTMLResponse:
+        page = resources.files("jailbreak_antidote.server").joinpath("static/playground.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
     @app.post(CHAT_PATH)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        authorize(request)
+        tenant = authorize(request)
         started = time.perf_counter()
-        job = _prepare(body)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        job, arm = _prepare(body, tenant, request_id)
         events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
@@ -184,7 +234,7 @@ def create_app(
             ) from None
         metrics.alpha.observe(job.alpha)
         metrics.prompt_tokens.inc(len(job.prompt_ids))
-        record = _Record(metrics, log, request_id, body, job, started)
+        record = _Record(metrics, log, request_id, body, job, started, tenant.name, arm)
         if body.stream:
             return StreamingResponse(_stream(events, record), media_type="text/event-stream")
         try:
@@ -195,18 +245,27 @@ def create_app(
         if event.finish_reason == "error":
             raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
         record.done(event, stream=False)
-        return JSONResponse(_completion(request_id, config.model_name, event, job, record.refusal))
+        return JSONResponse(_completion(request_id, config.model_name, event, job, record))
 
     # ----- helpers that close over the model and the config ----------------------------------------
-    def _prepare(body: ChatCompletionRequest) -> GenerationRequest:
+    def _prepare(body: ChatCompletionRequest, tenant: Tenant, request_id: str) -> tuple[GenerationRequest, str]:
+        """The generation job and the arm that serves it: the tenant's arm setting, or what the request set
+        (arm "override") where its policy allows that."""
         if body.model not in (None, config.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
                            param="model", kind="not_found_error")  # fmt: skip
-        options = body.antidote
-        alpha = options.alpha if options and options.alpha is not None else config.default_alpha
-        mode = options.mode if options and options.mode is not None else config.default_mode
-        threshold = options.threshold if options and options.threshold is not None else config.default_threshold
-        positions = options.positions if options and options.positions is not None else config.default_positions
+        arm, setting = tenant.assign(body.user, request_id)
+        asked = {key: getattr(body.antidote, key) for key in SETTING_KEYS if body.antidote is not None}
+        changed = [key for key, value in asked.items() if value is not None and value != getattr(setting, key)]
+        if changed and not tenant.allow_override:
+            key = changed[0]
+            raise ApiError(400, f"the policy of tenant {tenant.name!r} does not let a request choose its setting: this "
+                           f"request is served antidote.{key} = {getattr(setting, key)!r} (rollout arm {arm}); leave "
+                           f"antidote.{key} out", f"antidote.{key}")  # fmt: skip
+        if changed:
+            arm = "override"
+            setting = Setting(**{key: asked[key] if key in changed else getattr(setting, key) for key in SETTING_KEYS})
+        alpha, mode, threshold, positions = setting.alpha, setting.mode, setting.threshold, setting.positions
         if positions != "all" and on_llamacpp:
             raise ApiError(400, f"antidote.positions {positions!r} needs the transformers backend (a llama.cpp "
                            "control vector steers every position); use 'all'", "antidote.positions")  # fmt: skip
@@ -215,11 +274,12 @@ def create_app(
                            "the transformers backend; use mode 'fixed'", "antidote.mode")  # fmt: skip
         if antidote is None and alpha != 0:
             raise ApiError(400, "this server runs without an antidote; antidote.alpha must be 0", "antidote.alpha")
-        if not config.alpha_min <= alpha <= config.alpha_max:
-            raise ApiError(
-                400, f"antidote.alpha {alpha} is outside the allowed range [{config.alpha_min}, {config.alpha_max}] "
-                "set when the server started (--alpha-min / --alpha-max)", "antidote.alpha",
-            )  # fmt: skip
+        low, high = tenant.alpha_range
+        if not low <= alpha <= high:
+            source = (f"of tenant {tenant.name!r} (its policy's alpha_range)" if config.policy is not None
+                      else "set when the server started (--alpha-min / --alpha-max)")  # fmt: skip
+            raise ApiError(400, f"antidote.alpha {alpha} is outside the allowed range [{low}, {high}] {source}",
+                           "antidote.alpha")  # fmt: skip
         requested, field = body.requested_tokens(), body.token_field()
         if requested is not None and requested > config.max_tokens:
             raise ApiError(400, f"{field} {requested} is above this server's limit of {config.max_tokens} "
@@ -232,17 +292,20 @@ def create_app(
             raise ApiError(400, f"the messages hold token id {max(prompt_ids)}, outside the model's vocabulary of "
                            f"{vocabulary} ids: the served tokenizer does not match the model", "messages")  # fmt: skip
         max_tokens = _answer_room(len(prompt_ids), requested, field, context, config.max_tokens)
-        return GenerationRequest(
+        job = GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens, alpha=float(alpha), temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, mode=mode,
             threshold=threshold, positions=positions,
         )  # fmt: skip
+        return job, arm
 
     async def _stream(events: asyncio.Queue, record: _Record) -> AsyncIterator[str]:
         job, body = record.job, record.body
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
+        def chunk(
+            delta: dict[str, Any], finish: str | None = None, usage: dict | None = None, verdict: dict | None = None
+        ) -> str:  # fmt: skip
             choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if usage is None else []
             payload: dict[str, Any] = {
                 "id": record.request_id, "object": "chat.completion.chunk", "created": created,
@@ -250,6 +313,8 @@ def create_app(
             }  # fmt: skip
             if usage is not None:
                 payload["usage"] = usage
+            if verdict is not None:  # the finishing chunk: what the antidote did, as in a plain response
+                payload["antidote"] = verdict
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         try:
@@ -261,7 +326,7 @@ def create_app(
                 yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', 'server_error'))}\n\n"
                 return
             record.done(event, stream=True)
-            yield chunk({}, finish=event.finish_reason)
+            yield chunk({}, finish=event.finish_reason, verdict=record.verdict(event))
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk({}, usage=_usage(job, event))
             yield "data: [DONE]\n\n"
@@ -276,12 +341,20 @@ class _Record:
 
     def __init__(
         self, metrics: ServerMetrics, log: RequestLog, request_id: str, body: ChatCompletionRequest,
-        job: GenerationRequest, started: float,
+        job: GenerationRequest, started: float, tenant: str, arm: str,
     ):  # fmt: skip
         self.metrics, self.log = metrics, log
         self.request_id, self.body, self.job, self.started = request_id, body, job, started
+        self.tenant, self.arm = tenant, arm
         self.first_text: float | None = None
         self.refusal = False
+
+    def verdict(self, event: Finished) -> dict[str, Any]:
+        """The `antidote` object of a response: the setting that served it, the probe's score, the verdict."""
+        job = self.job
+        return {"alpha": job.alpha, "mode": job.mode, "threshold": job.threshold, "positions": job.positions,
+                "harm_score": event.harm_score, "refusal": self.refusal, "tenant": self.tenant,
+                "arm": self.arm}  # fmt: skip
 
     def first(self) -> None:
         if self.first_text is None:
@@ -291,13 +364,18 @@ class _Record:
     def done(self, event: Finished, stream: bool) -> None:
         latency = time.perf_counter() - self.started
         self.refusal = is_refusal(event.text)
-        self.metrics.latency.observe(latency)
+        labels = (self.tenant, self.arm)
+        self.metrics.latency.labels(*labels).observe(latency)
+        self.metrics.completions.labels(*labels).inc()
         self.metrics.completion_tokens.inc(event.completion_tokens)
         if self.refusal:
-            self.metrics.refusals.inc()
+            self.metrics.refusals.labels(*labels).inc()
+        if event.harm_score is not None:
+            self.metrics.harm_score.labels(*labels).observe(event.harm_score)
         entry = {
-            "id": self.request_id, "alpha": self.job.alpha, "mode": self.job.mode, "harm_score": event.harm_score,
-            "prompt_tokens": len(self.job.prompt_ids),
+            "id": self.request_id, "tenant": self.tenant, "arm": self.arm, "alpha": self.job.alpha,
+            "mode": self.job.mode, "threshold": self.job.threshold, "positions": self.job.positions,
+            "harm_score": event.harm_score, "prompt_tokens": len(self.job.prompt_ids),
             "completion_tokens": event.completion_tokens, "latency_s": round(latency, 4),
             "finish_reason": event.finish_reason, "refusal": self.refusal, "stream": stream,
         }  # fmt: skip
@@ -375,13 +453,13 @@ def _usage(job: GenerationRequest, event: Finished) -> dict[str, int]:
             "total_tokens": prompt + event.completion_tokens}  # fmt: skip
 
 
-def _completion(request_id: str, model: str, event: Finished, job: GenerationRequest, refusal: bool) -> dict[str, Any]:
+def _completion(request_id: str, model: str, event: Finished, job: GenerationRequest, record: _Record) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                      "finish_reason": event.finish_reason, "logprobs": None}],
         "usage": _usage(job, event),
-        "antidote": {"alpha": job.alpha, "mode": job.mode, "harm_score": event.harm_score, "refusal": refusal},
+        "antidote": record.verdict(event),
     }  # fmt: skip
 
 
@@ -409,3 +487,42 @@ def _describe_validation(errors: Any) -> tuple[str, str, str | None]:
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
     return f"invalid {where}: {message}", "invalid_request_error", where
+
+
+def server_limits(config: ServerConfig, antidote: Antidote | None, on_llamacpp: bool) -> ServerLimits:
+    """What a policy may ask of this server: its alpha range, the probe's modes, the positions policies."""
+    default = Setting(config.default_alpha, config.default_mode, config.default_threshold, config.default_positions)
+    probe = antidote is not None and antidote.probe is not None and not on_llamacpp
+    return ServerLimits(config.alpha_min, config.alpha_max, probe, not on_llamacpp, default, config.api_key is not None)
+
+
+def _bearer(request: Request) -> str:
+    """The request's bearer token, or "" (which matches no key)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _same(token: str, key: str) -> bool:
+    """Constant-time comparison, as bytes: a header may hold characters that str comparison refuses."""
+    return secrets.compare_digest(token.encode("utf-8", "surrogateescape"), key.encode("utf-8"))
+
+
+def _tune_curve(antidote: Antidote) -> list[dict[str, Any]]:
+    """The points `antidote tune` stored, reduced to checked numbers and names: the artifact's metadata is
+    not covered by its checksum, and the playground draws these values."""
+    points = []
+    for point in (antidote.tuned or {}).get("curve", []):
+        try:
+            threshold = point.get("threshold")
+            clean = {
+                "mode": point["mode"], "alpha": float(point["alpha"]),
+                "threshold": None if threshold is None else float(threshold),
+                "harmful_refusal": float(point["harmful_refusal"]), "benign_refusal": float(point["benign_refusal"]),
+                "positions": point.get("positions", "all"),
+            }  # fmt: skip
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+        numbers = [value for value in clean.values() if isinstance(value, float)]
+        if clean["mode"] in MODES and clean["positions"] in POSITIONS and all(map(math.isfinite, numbers)):
+            points.append(clean)
+    return points

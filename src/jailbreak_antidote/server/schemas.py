@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 
 # Accepted and ignored: they describe the caller or the bill, not the answer.
 IGNORED = frozenset(
-    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"}
+    {"metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"}
 )
 
 
@@ -214,6 +214,9 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     antidote: AntidoteOptions | None = None
     ignore_eos: StrictBool = Field(default=False, description="Generate exactly max_tokens (vLLM's benchmark field)")
+    user: str | None = Field(
+        default=None, max_length=256, description="The end user's id: a staged rollout assigns its arm by it"
+    )
 
     @model_validator(mode="before")
     @classmethod
