@@ -228,6 +228,38 @@ def test_output_monitor_opens_steering_when_the_answer_turns_harmful(model, toke
         assert not steering.triggered.any()
 
 
+def test_the_monitor_reads_the_probes_smooth_maximum_over_prompt_and_answer(model, tokenizer, qwen2_antidote):
+    """The running score after each generated token equals the probe read offline over the prompt plus the
+    answer so far: the scale the probe's threshold was calibrated on (a single token's score is not)."""
+    from jailbreak_antidote.probe import HarmProbe
+    from jailbreak_antidote.steer import Gate
+
+    hidden_size = model.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    probe = HarmProbe(1, torch.randn(hidden_size, generator=generator), -1.0, torch.zeros(hidden_size),
+                      torch.ones(hidden_size), scale=0.7, offset=-0.5, tau=0.5)  # fmt: skip
+    batch = encode_prompts(tokenizer, PROMPTS)
+    first = batch["input_ids"].shape[1]
+    read: list[torch.Tensor] = []
+    step = probe.running_step
+
+    def recording(state, hidden):
+        state, probability = step(state, hidden)
+        read.append(probability)
+        return state, probability
+
+    probe.running_step = recording  # type: ignore[method-assign]
+    gate = Gate(probe.layer, probe.probability, "monitor", 1.0, running=probe)  # threshold 1: never opens
+    with Steering(model, qwen2_antidote.vectors(), 5.0, gate=gate):
+        tokens = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert len(read) == 3  # the prefill wrote token 1; tokens 1 to 3 were read as they were fed back
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        hidden = model(tokens[:, : first + 3], attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(read[-1], HarmProbe.probability(probe, hidden[probe.layer + 1], mask), atol=1e-5,
+                               rtol=1e-4)  # fmt: skip
+
+
 def test_cli_fits_a_null_space_antidote_and_refuses_what_cannot_run(tmp_path):
     from conftest import fitted_cli_workspace
     from typer.testing import CliRunner

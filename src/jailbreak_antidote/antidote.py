@@ -272,7 +272,7 @@ class Antidote:
                     "`antidote probe FILE` (or use mode 'fixed')"
                 )
             return None
-        return Gate(self.probe.layer, self.probe.probability, mode, threshold)
+        return Gate(self.probe.layer, self.probe.probability, mode, threshold, running=self.probe)
 
     def maybe_applied(
         self, model: nn.Module, alpha: float, mode: str = "fixed", threshold: float = 0.5, positions: str = "all"

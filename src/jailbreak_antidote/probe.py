@@ -129,6 +129,20 @@ class HarmProbe:
     def probability(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.scale * self.raw_scores(hidden, mask) + self.offset).float().cpu()
 
+    # The output monitor's reading: the same smooth maximum, over the prompt and the answer written so far, kept
+    # as a running log-sum-exp per row (one [batch, hidden] product per generated token, no extra pass).
+    def running_start(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The running state after the prompt ([batch]; None for "last" pooling, which has no running form)."""
+        if self.pooling != "max":
+            return None
+        return self.raw_scores(hidden, mask).float() / self.tau
+
+    def running_step(self, state: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the newest token's state (hidden [batch, 1, hidden_size]) in: (new state, p(harmful) on the CPU)."""
+        token = self.token_scores(hidden[:, -1, :]).float().to(state.device) / self.tau
+        state = torch.logaddexp(state, token)
+        return state, torch.sigmoid(self.scale * self.tau * state + self.offset).cpu()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"probe.weight": self.weight, "probe.mean": self.mean, "probe.std": self.std}
 

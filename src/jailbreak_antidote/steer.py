@@ -50,15 +50,18 @@ class Gate:
 
     "monitor" is the gated mode plus an output monitor: the probe also reads each generated token's state at
     block `layer` during decoding (no extra pass), and a row whose prompt did not open the gate is steered
-    from the first generated token whose p reaches `threshold` on (from the blocks after `layer` for that
+    from the first generated token at which p reaches `threshold` on (from the blocks after `layer` for that
     token, every selected block afterwards): attacks whose harm shows only in the answer (nesting, payload
-    splitting, style and prefix injection) are caught as the answer turns harmful.
+    splitting, style and prefix injection) are caught as the answer turns harmful. With `running` (a
+    HarmProbe with max pooling) p is the probe's smooth maximum over the prompt and the answer so far, the
+    scale its threshold was calibrated on; without it, p of the newest token alone.
     """
 
     layer: int
     probability: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     mode: str = "gated"
     threshold: float = 0.5
+    running: Any = None  # an object with running_start / running_step (probe.HarmProbe), for the monitor
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -148,6 +151,7 @@ class Steering:
         self.scores: torch.Tensor | None = None  # the gate's p(harmful) per row, from the last prompt pass
         self._factor: torch.Tensor | None = None  # the gate's per-row multiplier; None until the probe ran
         self.triggered: torch.Tensor | None = None  # monitor mode: rows the output monitor opened
+        self._running: torch.Tensor | None = None  # monitor mode: the probe's running pooled score per row
         self.set_alpha(alpha)
         self._handles = [stack.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
         if gate is not None:  # registered first: it reads block `gate.layer` before that block is steered
@@ -175,6 +179,8 @@ class Steering:
             self.scores = self.scores[index.cpu()]
         if self.triggered is not None:
             self.triggered = self.triggered[index.cpu()]
+        if self._running is not None:
+            self._running = self._running[index.to(self._running.device)]
         self.readout_scores = {layer: s[index.to(s.device)] for layer, s in self.readout_scores.items()}
 
     def _capture_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -188,7 +194,11 @@ class Steering:
         hidden = block_output(output)
         assert self.gate is not None
         if self.gate.mode == "monitor" and self._factor is not None and not self._prefill:
-            opened = self.gate.factor(self.gate.probability(hidden, None).float()).to(self._factor.device)
+            if self._running is not None:
+                self._running, probability = self.gate.running.running_step(self._running, hidden)
+            else:
+                probability = self.gate.probability(hidden, None)
+            opened = self.gate.factor(probability.float()).to(self._factor.device)
             if bool((opened > self._factor).any()):
                 self.triggered = self.triggered | (opened > self._factor).cpu()
                 self._factor = torch.maximum(self._factor, opened)
@@ -199,8 +209,12 @@ class Steering:
         mask = self._mask
         if mask is not None and (mask.shape[0] != hidden.shape[0] or mask.shape[1] < hidden.shape[1]):
             mask = None  # not this call's mask
-        self.scores = self.gate.probability(hidden, None if mask is None else mask[:, -hidden.shape[1] :]).float()
+        if mask is not None:
+            mask = mask[:, -hidden.shape[1] :]
+        self.scores = self.gate.probability(hidden, mask).float()
         self._factor = self.gate.factor(self.scores).to(hidden.device)
+        if self.gate.mode == "monitor" and self.gate.running is not None:
+            self._running = self.gate.running.running_start(hidden, mask)
         self.triggered = torch.zeros(len(self.scores), dtype=torch.bool)
         self._scale = None  # the rest of this pass is steered with the gated strength
 
