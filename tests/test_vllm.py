@@ -543,6 +543,15 @@ def post(port: int, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def stream_events(port: int, body: dict) -> list[dict]:
+    """The JSON events of a streamed completion."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
 def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tmp_path):
     directory, _path, ids, reference = served
     probed_path, _gated_reference = probed
@@ -573,6 +582,10 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tm
         assert status == 200 and answer["choices"][0]["text"] != steered_text
         status, answer = post(port, {**body, "vllm_xargs": {"antidote_alpha": 9}})
         assert status == 400 and "outside the allowed range" in answer["error"]["message"], answer
+        streamed = stream_events(port, {**body, "stream": True})  # the score rides on the finishing chunk
+        finishing = [e for e in streamed if any(c.get("finish_reason") for c in e.get("choices", []))]
+        assert len(finishing) == 1 and "".join(c["text"] for e in streamed for c in e["choices"]) == steered_text
+        assert 0 <= finishing[0]["kv_transfer_params"]["antidote_harm_score"] <= 1
         assert reference[(1.2, "all", 0)] != reference[(0.0, "all", 0)]
     finally:
         server.terminate()
@@ -581,6 +594,42 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tm
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_vllm_streams_carry_the_harm_score_on_the_finishing_chunk():
+    """The stream wrapper on fake generators (no vLLM needed): the score of each prompt is added to the chunk
+    that finishes one of its choices, and nothing else changes."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.streaming import _scored
+
+    def chunk(index: int, text: str, finish: str | None) -> str:
+        choice = {"index": index, "text": text, "finish_reason": finish}
+        return f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]}, separators=(',', ':'))}\n\n"
+
+    async def outputs():  # (prompt index, RequestOutput): prompt 1 finishes with a score, prompt 0 without one
+        yield 0, SimpleNamespace(kv_transfer_params=None)
+        yield 1, SimpleNamespace(kv_transfer_params={"antidote_harm_score": 0.75, "other": 1})
+        yield 0, SimpleNamespace(kv_transfer_params=None)
+
+    async def completion_stream(self, request, engine_inputs, result_generator, request_id):
+        events = [chunk(0, "a", None), chunk(2, "b", None), chunk(0, "", "stop"), chunk(2, "", "length"),
+                  "data: [DONE]\n\n"]  # fmt: skip
+        async for _ in result_generator:
+            pass
+        for event in events:
+            yield event
+
+    wrapped = _scored(position=2, indexed=True)(completion_stream)  # n = 2: choices 2 and 3 are prompt 1's
+
+    async def run() -> list[str]:
+        return [e async for e in wrapped(None, SimpleNamespace(n=2), [], outputs(), "cmpl-1")]
+
+    events = asyncio.run(run())
+    assert events[:3] == [chunk(0, "a", None), chunk(2, "b", None), chunk(0, "", "stop")]  # untouched
+    assert json.loads(events[3][6:])["kv_transfer_params"] == {"antidote_harm_score": 0.75}
+    assert events[4] == "data: [DONE]\n\n"
 
 
 def test_vllm_probe_modes_are_refused_where_a_prompt_is_not_read_whole():

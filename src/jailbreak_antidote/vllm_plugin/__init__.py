@@ -56,11 +56,13 @@ def register() -> None:
     from .frontend import patch_engine_config, patch_input_processor
     from .runner import patch_model_runners
     from .scores import patch_scheduler
+    from .streaming import patch_streams
 
     patch_engine_config()
     patch_input_processor()
     patch_model_runners()
     patch_scheduler()
+    patch_streams()
     salt_compile_cache()
 
 
