@@ -13,33 +13,46 @@
 # report refuses parts whose antidote fingerprints differ), so the first run keeps its tuned artifact in
 # $PARTS/qwen05-tuned.antidote and later runs reuse it instead of fitting again. Rerun until nothing is left.
 #
-# Settings: DEFENSES="a b" (a subset, in order), OUT (runs/heldout-full), PARTS (docs/results/heldout-full).
+# Settings: DEFENSES="a b" (a subset, in order), OUT (runs/heldout-full), PARTS (docs/results/heldout-full),
+# REFUSE=tuned: tune with outright refusals too (`antidote tune` without --no-refuse) and evaluate the steered
+# defenses at the refuse threshold it chose (`--refuse-threshold`); a run's refuse threshold is part of its
+# configuration, so give it its own PARTS and OUT (docs/results/heldout-refuse, runs/heldout-refuse).
 # Run from the repository root with ../shared/data beside it.
 set -euo pipefail
 data=${DATA:-../shared/data}
 out=${OUT:-runs/heldout-full}
 parts=${PARTS:-docs/results/heldout-full}
 defenses=${DEFENSES:-antidote-gated none icd antidote}
+refuse=${REFUSE:-}
+[ -z "$refuse" ] || [ "$refuse" = tuned ] || { echo "REFUSE takes only 'tuned', got '$refuse'" >&2; exit 2; }
 kept=$parts/qwen05-tuned.antidote
+tune_refusals=(--no-refuse)  # the steering alone, unless REFUSE=tuned
+[ -z "$refuse" ] || tune_refusals=()
 mkdir -p runs "$parts"
 
 if [ ! -f "$kept" ]; then
   # The artifact chain of benchmarks/adaptive_heldout.sh (training templates only), kept for later parts.
   base=runs/qwen05-builtin.antidote
   probe=runs/qwen05-probe-float32.antidote
-  tuned=runs/qwen05-tuned-float32.antidote
+  tuned=runs/qwen05-tuned-float32${refuse:+-refuse}.antidote
   [ -f "$base" ] || antidote fit --out "$base"
   [ -f "$probe" ] || antidote probe "$base" --dtype float32 --out "$probe"
   [ -f "$tuned" ] || antidote tune "$probe" --dtype float32 --factor 1 --factor 2 --factor 4 --batch-size 32 \
-    --out "$tuned"
+    "${tune_refusals[@]}" --out "$tuned"
   cp "$tuned" "$kept"
 fi
-read -r suggested tuned_alpha threshold < <(antidote inspect "$kept" --json | python -c '
+read -r suggested tuned_alpha threshold refuse_threshold < <(antidote inspect "$kept" --json | python -c '
 import json, sys
 alpha = json.load(sys.stdin)["alpha"]
 tuned = alpha["tuned"]
-print(alpha["suggested"], tuned["alpha"], tuned["threshold"] if tuned["threshold"] is not None else 0.5)')
-echo "suggested alpha $suggested; tuned alpha $tuned_alpha, threshold $threshold"
+print(alpha["suggested"], tuned["alpha"], tuned["threshold"] if tuned["threshold"] is not None else 0.5,
+      tuned.get("refuse_threshold"))')
+echo "suggested alpha $suggested; tuned alpha $tuned_alpha, threshold $threshold, refuse threshold $refuse_threshold"
+refusing=()
+if [ -n "$refuse" ]; then
+  [ "$refuse_threshold" != None ] || { echo "$kept holds no tuned refuse threshold; REFUSE=tuned needs one" >&2; exit 2; }
+  refusing=(--refuse-threshold "$refuse_threshold")
+fi
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 
 for defense in $defenses; do
@@ -56,7 +69,7 @@ for defense in $defenses; do
     --defenses "$defense" --alpha "$alpha" --threshold "$threshold" --max-new-tokens 32 --dtype float32 \
     --batch-size 32 --xstest "$data/xstest/xstest_prompts.csv" \
     --benign "$data/refusal_direction/splits/harmless_test.json" --benign-limit 100 --harm-judge none \
-    --out "$out/$defense"
+    "${refusing[@]}" --out "$out/$defense"
   bash benchmarks/publish_run.sh "$out/$defense" "$parts/$defense"
   [ -f "$parts/RUNS.md" ] || printf '# Where each part of this table ran\n\n' > "$parts/RUNS.md"
   echo "- $defense: $started to $(date -u +%FT%TZ), $cpu, $(nproc) cores, float32, batch 32" >> "$parts/RUNS.md"

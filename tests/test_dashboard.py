@@ -16,6 +16,7 @@ METRICS = {
     "antidote_requests_total",  # {status}
     "antidote_completions_total",  # {tenant, arm}
     "antidote_refusals_total",  # {tenant, arm}
+    "antidote_probe_refusals_total",  # {tenant, arm}
     *(f"antidote_harm_score_{part}" for part in ("bucket", "sum", "count")),  # {tenant, arm, le}
     *(f"antidote_request_latency_seconds_{part}" for part in ("bucket", "sum", "count")),  # {tenant, arm, le}
     "antidote_time_to_first_token_seconds_bucket",

@@ -143,9 +143,9 @@ def test_bad_methods_policies_and_newer_files_are_one_line_errors(model, tokeniz
         header = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     meta = json.loads(header["meta"])
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     save_file(tensors, str(tmp_path / "new.antidote"), metadata={**header, "meta": json.dumps(meta)})
-    with pytest.raises(ArtifactError, match=r"format version 3, .* upgrade the package"):
+    with pytest.raises(ArtifactError, match=r"format version 4, .* upgrade the package"):
         Antidote.load(tmp_path / "new.antidote")
 
 

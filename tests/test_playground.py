@@ -20,6 +20,7 @@ import torch
 from conftest import build_model
 from serving import KEY, RunningServer
 
+from jailbreak_antidote.generate import REFUSAL_MESSAGE
 from jailbreak_antidote.probe import HarmProbe
 from jailbreak_antidote.server import ServerConfig
 
@@ -141,6 +142,16 @@ def test_the_playground_streams_two_answers_and_sends_the_sliders_alpha(playgrou
         png = browser.get_screenshot_as_png()
         _not_blank(png)
         _keep(png, "playground.png")
+        # Refusing outright from harm probability 0: the chosen side is refused by the probe, the alpha-0 side
+        # (sent with refuse_threshold "never") is not.
+        browser.find_element(By.ID, "refuse").send_keys("0")
+        browser.find_element(By.ID, "run").click()
+        wait.until(lambda b: "refused outright" in b.find_element(By.CSS_SELECTOR, "#steered .verdict").text)
+        wait.until(lambda b: "harm score" in b.find_element(By.CSS_SELECTOR, "#plain .verdict").text)
+        assert browser.find_element(By.CSS_SELECTOR, "#steered pre").text == REFUSAL_MESSAGE
+        assert browser.find_element(By.CSS_SELECTOR, "#plain pre").text == plain
+        entries = [json.loads(line) for line in playground.log.read_text().splitlines()[lines_before + 2 :]]
+        assert sorted(e["refuse_threshold"] is None for e in entries) == [False, True]
     finally:
         browser.quit()
 
@@ -151,7 +162,9 @@ def test_the_curve_the_page_draws_holds_only_checked_values(qwen2_antidote):
 
     good = {"mode": "gated", "alpha": 1.0, "threshold": 0.4, "harmful_refusal": 0.8, "benign_refusal": 0.1}
     crafted = [{**good, "mode": '<img src=x onerror="alert(1)">'}, {**good, "alpha": "1e999"},
-               {**good, "harmful_refusal": None}, "not a point", {**good, "positions": "<b>"}]  # fmt: skip
-    alpha = {**qwen2_antidote.alpha, "tuned": {**good, "curve": [good, *crafted]}}
+               {**good, "harmful_refusal": None}, "not a point", {**good, "positions": "<b>"},
+               {**good, "refuse_threshold": "<script>"}, {**good, "refuse_threshold": float("nan")}]  # fmt: skip
+    alpha = {**qwen2_antidote.alpha, "tuned": {**good, "curve": [good, {**good, "refuse_threshold": 0.7}, *crafted]}}
     points = _tune_curve(dataclasses.replace(qwen2_antidote, alpha=alpha))
-    assert points == [{**good, "positions": "all"}]
+    assert points == [{**good, "positions": "all", "refuse_threshold": None},
+                      {**good, "positions": "all", "refuse_threshold": 0.7}]  # fmt: skip

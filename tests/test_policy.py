@@ -91,6 +91,9 @@ def test_a_policy_file_gives_each_tenant_its_setting_range_and_rollout(tmp_path)
         ("[tenants.a]\napi_keys = ['k']\n[tenants.a.rollout]\nalpha = 1.0", "share must be"),
         ("[tenants.a]\napi_keys = ['k']\nmode = 'loud'", "mode must be one of"),
         ("[tenants.a]\napi_keys = ['k']\nthreshold = 2", "threshold is a harm probability"),
+        ("[tenants.a]\napi_keys = ['k']\nrefuse_threshold = 2", 'a harm probability in [0, 1] or "never"'),
+        ("[tenants.a]\napi_keys = ['k']\nrefuse_threshold = 'sometimes'", "refuse_threshold is a harm probability"),
+        ("[tenants.a]\napi_keys = ['k']\nrefuse_threshold = true", "refuse_threshold is a harm probability"),
         ("[tenants.a]\napi_keys = ['k']\nalpah = 1", "unknown key 'alpah' in tenants.a"),
         ("[tenants.a]\napi_keys = ['k']\nallow_override = 'no'", "allow_override must be true or false"),
         ("[tenants.a]\napi_keys = ['k']\n[tenants.a.rollout]\nshare = 0.1\nassign_by = 'ip'", "assign_by must be"),
@@ -128,6 +131,20 @@ def test_modes_and_positions_the_server_cannot_serve_are_refused():
         parse_policy({"tenants": {"a": {"api_keys": ["k"], "mode": "gated"}}}, no_probe)
     with pytest.raises(PolicyError, match="needs the transformers backend"):
         parse_policy({"tenants": {"a": {"api_keys": ["k"], "positions": "prompt"}}}, no_probe)
+    with pytest.raises(PolicyError, match="refuse_threshold reads the harm probe"):
+        parse_policy({"tenants": {"a": {"api_keys": ["k"], "refuse_threshold": 0.5}}}, no_probe)
+    parse_policy({"tenants": {"a": {"api_keys": ["k"], "refuse_threshold": "never"}}}, no_probe)
+
+
+def test_refuse_threshold_per_tenant_and_candidate_with_never_to_turn_a_default_off():
+    refusing = dataclasses.replace(LIMITS, default=Setting(0.5, "gated", 0.4, "all", 0.7))
+    policy = parse_policy({"tenants": {
+        "a": {"api_keys": ["ka"]},
+        "b": {"api_keys": ["kb"], "refuse_threshold": "never", "rollout": {"share": 0.1, "refuse_threshold": 0.8}},
+    }}, refusing)  # fmt: skip
+    assert policy.tenants["a"].setting.refuse_threshold == 0.7  # the server's default
+    assert policy.tenants["b"].setting.refuse_threshold is None
+    assert policy.tenants["b"].rollout.candidate.refuse_threshold == 0.8
 
 
 def test_missing_and_unreadable_policy_files(tmp_path):

@@ -270,3 +270,7 @@ def test_harm_probe_modes_per_request(tokenizer, qwen2_antidote, tmp_path):
 def test_modes_need_a_probe(served):
     response = served.post({"messages": [{"role": "user", "content": "hi"}], "antidote": {"mode": "scaled"}})
     assert response.status_code == 400 and "harm probe" in response.json()["error"]["message"]
+    response = served.post({"messages": [{"role": "user", "content": "hi"}], "antidote": {"refuse_threshold": 0.5}})
+    error = response.json()["error"]
+    assert response.status_code == 400 and "reads the harm probe" in error["message"]
+    assert error["param"] == "antidote.refuse_threshold"

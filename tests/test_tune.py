@@ -28,8 +28,12 @@ def test_tune_respects_the_budget_and_covers_every_mode(qwen2, tokenizer, probed
     feasible = [p for p in result["curve"] if p["benign_refusal"] <= base["benign_refusal"] + 0.1 + 1e-9]
     assert choice["harmful_refusal"] == max(p["harmful_refusal"] for p in feasible)
     assert {p["mode"] for p in result["curve"]} == {"fixed", "scaled", "gated", "monitor"}
-    gated = [p for p in result["curve"] if p["mode"] == "gated"]
+    gated = [p for p in result["curve"] if p["mode"] == "gated" and p["refuse_threshold"] is None]
     assert len(gated) == 2 * 19  # every threshold at every alpha, from one open-gate generation per alpha
+    refusing = [p for p in result["curve"] if p["refuse_threshold"] is not None]
+    assert refusing and all(p["refuse_threshold"] > (p["threshold"] or 0) for p in refusing if p["mode"] == "gated")
+    assert {p["mode"] for p in refusing} == {"fixed", "scaled", "gated", "monitor"}
+    assert all(p["alpha"] == 0 for p in refusing if p["mode"] == "fixed")  # the probe filter alone
 
 
 def test_budget_and_benign_count_are_checked(qwen2, tokenizer, probed):
@@ -94,3 +98,9 @@ def test_tune_chooses_among_candidate_methods(tmp_path):
     assert best.method in ("pca", "mean_diff") and f"chosen: method {best.method}" in result.output
     assert "mean" in result.output and "pca" in result.output  # one table, a row per method and point (cut to fit)
     assert Antidote.load(artifact).tuned is None  # the inputs are not modified
+
+
+def test_tune_without_refusals_tries_the_steering_alone(qwen2, tokenizer, probed):
+    result = tune(qwen2, tokenizer, probed, harmful=HARMFUL[:6], benign=BENIGN, budget=0.1, factors=[1.0],
+                  max_new_tokens=2, refuse_thresholds=())  # fmt: skip
+    assert all(p["refuse_threshold"] is None for p in result["curve"]) and result["choice"]["refuse_threshold"] is None

@@ -121,6 +121,19 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
         _config(tuned("monitor", probe), "monitor")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_MODE", "fixed")
     assert _config(tuned("monitor", probe), "monitor, served fixed").default.mode == "fixed"
+    monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
+    # Tuned to refuse outright, which the plugin does not do: refused unless the operator says "never".
+    point = {"mode": "gated", "alpha": 0.5, "threshold": 0.3, "refuse_threshold": 0.7}
+    alpha = {**qwen2_antidote.alpha, "tuned": point}
+    antidote = Antidote(**{**qwen2_antidote.__dict__, "alpha": alpha, "probe": probe})
+    refusing = str(antidote.save(tmp_path / "r.antidote"))
+    with pytest.raises(InvalidParameter, match=r"refuse prompts outright from harm probability 0\.7.*REFUSE=never"):
+        _config(refusing, "refusing")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "sometimes")
+    with pytest.raises(InvalidParameter, match="takes only 'never'"):
+        _config(refusing, "refusing", "sometimes")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "never")
+    assert _config(refusing, "refusing", "never").default == Setting(alpha=0.5, mode="gated", threshold=0.3)
 
 
 def unit_probe(hidden_size: int, layer: int = 1) -> HarmProbe:

@@ -23,10 +23,11 @@ from .probe import HarmProbe
 from .steer import MODES, Alpha, Gate, Steering, check_positions
 
 FORMAT = "jailbreak-antidote"
-# Version 2 adds readouts (input-dependent methods) and a tuned positions policy; a file that uses neither is
-# still written as version 1, so older versions of the package keep reading it.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2 adds readouts (input-dependent methods) and a tuned positions policy; version 3 a tuned refuse
+# threshold. A file is written with the lowest version that holds what it uses, so older versions of the
+# package keep reading it, and refuse (not silently misread) what they cannot apply.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SELECTORS = ("top", "random")
 PROBE_TENSORS = {"probe.weight", "probe.mean", "probe.std"}
 
@@ -118,6 +119,13 @@ class Antidote:
     def default_positions(self) -> str:
         """The positions policy used when none is given: the tuned one, else "all" (the paper)."""
         return str((self.tuned or {}).get("positions") or "all")
+
+    @property
+    def default_refuse_threshold(self) -> float | None:
+        """The harm probability from which a prompt is refused without generating, when none is given: the
+        tuned one, else None (never)."""
+        value = (self.tuned or {}).get("refuse_threshold")
+        return None if value is None else float(value)
 
     @property
     def default_mode(self) -> tuple[str, float]:
@@ -284,8 +292,11 @@ class Antidote:
 
     # ----- persistence ----------------------------------------------------------------------------
     def format_version(self) -> int:
-        """2 if the file needs this version's reader (readouts, or a tuned positions policy other than "all":
-        an older reader would silently steer differently), else 1."""
+        """The lowest reader version that applies the file as meant (an older reader would silently steer
+        differently): 3 with a tuned refuse threshold, 2 with readouts or a tuned positions policy other than
+        "all", else 1."""
+        if self.default_refuse_threshold is not None:
+            return 3
         return 2 if self.readouts is not None or self.default_positions != "all" else 1
 
     def metadata(self) -> dict[str, Any]:

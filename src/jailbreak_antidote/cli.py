@@ -257,6 +257,12 @@ def inspect(
         out.print(f"positions steered by default: {antidote.default_positions} (tuned)")
     alpha = antidote.alpha
     out.print(f"suggested alpha {alpha.get('suggested')} (range {alpha.get('range')}): {alpha.get('how')}")
+    if antidote.tuned:
+        mode, threshold = antidote.default_mode
+        gate = "" if mode == "fixed" else f", threshold {threshold:g}"
+        refuse = antidote.default_refuse_threshold
+        refusing = "" if refuse is None else f", refusing outright from harm probability {refuse:g}"
+        out.print(f"tuned default (`antidote tune`): mode {mode}, alpha {antidote.default_alpha:g}{gate}{refusing}")
     out.print(f"calibration: {antidote.provenance.get('calibration')}, {antidote.provenance.get('n_pairs')} pairs")
     _print_layers(antidote)
 
@@ -301,6 +307,16 @@ def generate(
         float | None, typer.Option(help="Harm probability from which gated mode steers [default: tuned, or 0.5]")
     ] = None,
     positions: PositionsOption = None,
+    refuse_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Harm probability from which a prompt is refused outright, without generating (needs the harm "
+            "probe) [default: tuned, or never]"
+        ),
+    ] = None,
+    no_refuse: Annotated[
+        bool, typer.Option("--no-refuse", help="Never refuse outright, even if the artifact's tuned default does")
+    ] = False,
     out_path: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response [default: print a table only]"),
@@ -310,7 +326,7 @@ def generate(
     from .antidote import Antidote
     from .generate import Sampling, check_control_vector, generate_grid
     from .prompts import read_prompts
-    from .steer import check_alpha, check_positions
+    from .steer import check_alpha, check_positions, check_refuse_threshold
 
     if (prompt is None) == (prompts is None):
         raise InvalidParameter("give exactly one of PROMPT or --prompts FILE")
@@ -322,6 +338,17 @@ def generate(
         raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
     tuned_mode, tuned_threshold = antidote.default_mode if antidote is not None else ("fixed", 0.5)
     mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
+    if no_refuse and refuse_threshold is not None:
+        raise InvalidParameter("give --refuse-threshold or --no-refuse, not both")
+    if refuse_threshold is None and not no_refuse and antidote is not None:
+        refuse_threshold = antidote.default_refuse_threshold
+    check_refuse_threshold(refuse_threshold)
+    if refuse_threshold is not None and (antidote is None or antidote.probe is None):
+        raise InvalidParameter("--refuse-threshold reads the antidote's harm probe; give an --antidote that has one "
+                               "(`antidote probe FILE`)")  # fmt: skip
+    if refuse_threshold is not None and backend == "llamacpp":
+        raise InvalidParameter("refusing outright (--refuse-threshold, or the artifact's tuned default) reads the "
+                               "harm probe, which needs --backend transformers; or pass --no-refuse")  # fmt: skip
     if antidote is not None:
         antidote.gate(mode, threshold)  # a bad mode, threshold or a missing probe fails before the model loads
         check_positions(positions or antidote.default_positions)
@@ -334,7 +361,7 @@ def generate(
     rows = generate_grid(
         lm, tokenizer, texts, alphas, antidote=antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
         system=system, sampling=Sampling(temperature=temperature, seed=seed), show_progress=True, mode=mode,
-        threshold=threshold, positions=positions,
+        threshold=threshold, positions=positions, refuse_threshold=refuse_threshold,
     )  # fmt: skip
     if out_path is not None:
         _write_jsonl_atomic(out_path, rows)
@@ -349,7 +376,8 @@ def generate(
     for i, text in enumerate(texts):
         group = rows[i * len(alphas) : (i + 1) * len(alphas)]
         score = [f"{group[-1]['harm_score']:.2f}"] if scored else []
-        table.add_row(text, *score, *[row["response"] for row in group])
+        answers = [row["response"] + (" [refused: harm probe]" if row.get("refused_by_probe") else "") for row in group]
+        table.add_row(text, *score, *answers)
     out.print(table)
 
 

@@ -114,7 +114,7 @@ def _benign_sets(benign: list[Path] | None, xstest: Path | None, limit: int | No
 def _run(
     *, model, dtype, backend, antidote_path, goals, attacks, defenses, alphas, ks, selectors, out_dir, max_new_tokens,
     batch_size, limit, benign, xstest, benign_limit, temperature, seed, factors=None, stride=1, threshold=0.5,
-    harm_judge="builtin",
+    harm_judge="builtin", refuse_threshold=None,
 ) -> None:  # fmt: skip
     from .antidote import Antidote
     from .eval.defenses import DefenseRunner, build_settings, is_steered, mode_of, positions_of
@@ -123,7 +123,7 @@ def _run(
     from .generate import Sampling, check_control_vector
     from .models import weights_digest
     from .prompts import builtin_calibration
-    from .steer import check_alpha
+    from .steer import check_alpha, check_refuse_threshold
 
     _check_counts(stride=stride, limit=limit, benign_limit=benign_limit, max_new_tokens=max_new_tokens,
                   batch_size=batch_size)  # fmt: skip
@@ -138,6 +138,12 @@ def _run(
             antidote.gate(mode_of(defense), threshold)  # needs a harm probe; fail before the model loads
             if backend == "llamacpp":
                 check_control_vector(antidote, positions_of(defense))
+    if check_refuse_threshold(refuse_threshold) is not None and any(is_steered(d) for d in defenses):
+        if antidote is None or antidote.probe is None:
+            raise InvalidParameter("--refuse-threshold reads the antidote's harm probe, and it has none; add one "
+                                   "with `antidote probe FILE`")  # fmt: skip
+        if backend == "llamacpp":
+            raise InvalidParameter("--refuse-threshold (harm probe) needs --backend transformers")
     if antidote is not None:
         if factors is not None:
             alphas = [round(f * antidote.suggested_alpha, 4) for f in factors]
@@ -156,14 +162,14 @@ def _run(
     config = RunConfig(
         model=lm.name if on_llamacpp else str(lm.config.antidote_source),
         model_sha256=file_sha256(lm.gguf_path) if on_llamacpp else weights_digest(lm),
-        dtype="gguf" if on_llamacpp else dtype, backend=backend, threshold=threshold,
+        dtype="gguf" if on_llamacpp else dtype, backend=backend, threshold=threshold, refuse_threshold=refuse_threshold,
         antidote_fingerprint=antidote.fingerprint() if antidote is not None else None,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
     )  # fmt: skip
     runner = DefenseRunner(
         lm, tokenizer, antidote, max_new_tokens=max_new_tokens, batch_size=batch_size,
         sampling=sampling,
-        perplexity_reference=builtin_calibration().harmless, threshold=threshold,
+        perplexity_reference=builtin_calibration().harmless, threshold=threshold, refuse_threshold=refuse_threshold,
     )  # fmt: skip
     err.print(
         f"{len(attack_prompts)} attack prompts x {len(settings)} settings, "
@@ -250,6 +256,13 @@ def eval_command(
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples with --seed")] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
     threshold: Annotated[float, typer.Option(help="Harm probability from which antidote-gated steers")] = 0.5,
+    refuse_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Harm probability from which the steered defenses refuse a prompt outright, without generating "
+            "(needs the harm probe) [default: never; the tuned value is in `antidote inspect`]"
+        ),
+    ] = None,
     harm_judge: HarmJudgeOption = "builtin",
 ) -> None:
     """Attack success and defense success per attack and defense, plus benign compliance; resumable.
@@ -261,6 +274,7 @@ def eval_command(
         alphas=alpha, ks=k, selectors=selector or ["top"], out_dir=out_dir, max_new_tokens=max_new_tokens,
         batch_size=batch_size, limit=limit, benign=benign, xstest=xstest, benign_limit=benign_limit,
         temperature=temperature, seed=seed, stride=stride, threshold=threshold, harm_judge=harm_judge,
+        refuse_threshold=refuse_threshold,
     )  # fmt: skip
 
 

@@ -95,6 +95,16 @@ def serve(
             "set its own [default: tuned, or all]"
         ),
     ] = None,
+    refuse_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Default harm probability from which a prompt is refused outright, without generating (needs the "
+            "harm probe; the answer says finish_reason content_filter) [default: tuned, or never]"
+        ),
+    ] = None,
+    no_refuse: Annotated[
+        bool, typer.Option("--no-refuse", help="Never refuse outright by default, even if the artifact is tuned to")
+    ] = False,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
@@ -137,14 +147,14 @@ def serve(
     from .server import ServerConfig, create_app
     from .server.app import server_limits
     from .server.policy import load_policy
-    from .steer import check_positions
+    from .steer import check_positions, check_refuse_threshold
 
     if max_batch < 1 or max_tokens < 1:
         raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
     if no_antidote and antidote_path is not None:
         raise InvalidParameter("give --antidote or --no-antidote, not both")
     steering = {"--alpha": alpha, "--alpha-max": alpha_max, "--mode": mode, "--threshold": threshold,
-                "--positions": positions}  # fmt: skip
+                "--positions": positions, "--refuse-threshold": refuse_threshold}  # fmt: skip
     given = [flag for flag, value in steering.items() if value is not None] + (["--alpha-min"] if alpha_min else [])
     if no_antidote and given:
         raise InvalidParameter(f"--no-antidote serves the model unsteered, so {', '.join(given)} would do nothing; "
@@ -153,6 +163,9 @@ def serve(
         raise InvalidParameter(f"--threshold is a harm probability in [0, 1], got {threshold}")
     if positions is not None:
         check_positions(positions)
+    if no_refuse and refuse_threshold is not None:
+        raise InvalidParameter("give --refuse-threshold or --no-refuse, not both")
+    check_refuse_threshold(refuse_threshold)
     if policy is not None:  # the file's syntax and keys before the model loads; its values once the range is known
         _precheck_policy(policy, api_key)
     antidote = Antidote.load(antidote_path) if antidote_path else None
@@ -178,9 +191,18 @@ def serve(
     positions = positions or (antidote.default_positions if antidote is not None else "all")
     if mode != "fixed" and (antidote is None or backend == "llamacpp"):
         raise InvalidParameter("--mode gated / scaled needs an antidote with a harm probe on the transformers backend")
+    if refuse_threshold is None and not no_refuse and antidote is not None:
+        refuse_threshold = antidote.default_refuse_threshold
+        explained = "the artifact is tuned to refuse outright (refuse_threshold), which"
+    else:
+        explained = "--refuse-threshold"
+    if refuse_threshold is not None and (antidote is None or antidote.probe is None or backend == "llamacpp"):
+        raise InvalidParameter(f"{explained} reads the harm probe: it needs an antidote with one on the transformers "
+                               "backend; or pass --no-refuse")  # fmt: skip
     config = ServerConfig(
         model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
-        default_threshold=threshold, default_positions=positions, alpha_min=float(low),
+        default_threshold=threshold, default_positions=positions, default_refuse_threshold=refuse_threshold,
+        alpha_min=float(low),
         alpha_max=float(high), api_key=api_key, max_tokens=max_tokens,
         max_batch=max_batch, request_log=request_log, log_prompts=log_prompts, policy=policy,
     )  # fmt: skip
@@ -192,7 +214,10 @@ def serve(
         err.print("strength in use: none (no antidote; requests may not set alpha)", highlight=False)
     else:
         summary = strength_summary(antidote, default, low, high, mode, threshold, explicit=alpha is not None)
-        err.print(summary + ("" if positions == "all" else f"; steering {positions} positions only"), highlight=False)
+        summary += "" if positions == "all" else f"; steering {positions} positions only"
+        if refuse_threshold is not None:
+            summary += f"; prompts with harm probability >= {refuse_threshold:g} are refused outright"
+        err.print(summary, highlight=False)
     if tenants is not None:
         err.print(f"policy {policy}: tenants {', '.join(tenants)} (reload: kill -HUP {os.getpid()})", highlight=False)
     uvicorn.run(create_app(lm, tokenizer, antidote, config), host=host, port=port, log_level="warning")

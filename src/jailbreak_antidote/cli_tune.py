@@ -43,17 +43,24 @@ def tune(
             "prompts and the best one, with its choice, is written to --out (then required)"
         ),
     ] = None,
+    refuse: Annotated[
+        bool,
+        typer.Option(
+            help="Also try refusing prompts outright, without generating, from a harm probability on (needs the "
+            "harm probe); --no-refuse: steering only"
+        ),
+    ] = True,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt for the refusal judge")] = 16,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch")] = 16,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of in place")] = None,
 ) -> None:
-    """Pick the mode (fixed, gated, scaled, monitor), alpha, threshold and positions policy (and, with
-    --candidate, the fit method) that refuse the most harmful prompts while refusing at most --budget more
-    benign prompts than alpha 0; store it as the artifact's default."""
+    """Pick the mode (fixed, gated, scaled, monitor), alpha, threshold, positions policy and refuse threshold
+    (and, with --candidate, the fit method) that refuse the most harmful prompts while refusing at most --budget
+    more benign prompts than alpha 0; store it as the artifact's default."""
     from .antidote import Antidote
     from .prompts import read_prompts
     from .steer import check_positions
-    from .tune import FACTORS, check_budget, needed_benign
+    from .tune import FACTORS, REFUSE_THRESHOLDS, check_budget, needed_benign, rank
     from .tune import tune as run_tune
 
     check_budget(budget)
@@ -83,15 +90,17 @@ def tune(
         results.append(run_tune(
             lm, tokenizer, artifact, harmful=harmful_prompts, benign=benign_prompts, budget=budget,
             factors=factor or FACTORS, policies=policies, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            show_progress=True,
+            refuse_thresholds=REFUSE_THRESHOLDS if refuse else (), show_progress=True,
         ))  # fmt: skip
-    best = max(range(len(artifacts)), key=lambda i: _rank(results[i]["choice"]))
+    best = max(range(len(artifacts)), key=lambda i: rank(results[i]["choice"]))
     antidote, result = artifacts[best], results[best]
     _print_curves(artifacts, results, best, budget)
     choice = result["choice"]
     antidote.alpha = {**antidote.alpha, "tuned": {**choice, **{k: v for k, v in result.items() if k != "choice"}}}
     path = antidote.save(out_path or antidote_path)
     threshold = f", threshold {choice['threshold']:g}" if choice["threshold"] is not None else ""
+    if choice.get("refuse_threshold") is not None:
+        threshold += f", refusing outright from harm probability {choice['refuse_threshold']:g}"
     method = f"method {antidote.method}, " if candidate else ""
     out.print(f"chosen: {method}mode {choice['mode']}, positions {choice['positions']}, alpha {choice['alpha']:g}"
               f"{threshold}: harmful refused "
@@ -100,26 +109,25 @@ def tune(
               "for generate, eval and serve")  # fmt: skip
 
 
-def _rank(choice: dict) -> tuple[float, float, float]:
-    """The tuner's own order: most harmful refusals, then fewest benign ones, then the gentlest alpha."""
-    return (choice["harmful_refusal"], -choice["benign_refusal"], -choice["alpha"])
-
-
 def _print_curves(artifacts: list, results: list[dict], best: int, budget: float) -> None:
     first = results[0]
     table = Table(title=f"Refusal rates ({first['n_harmful']} harmful, {first['n_benign']} benign prompts)")
-    columns = ("method", "mode", "positions", "alpha", "threshold", "harmful refused", "benign refused", "")
+    columns = ("method", "mode", "positions", "alpha", "threshold", "refuse from", "harmful refused",
+               "benign refused", "")  # fmt: skip
     for column in columns if len(artifacts) > 1 else columns[1:]:
         table.add_column(column)
     for i, (artifact, result) in enumerate(zip(artifacts, results)):
         limit = result["baseline"]["benign_refusal"] + budget
         for point in result["curve"]:
             chosen = i == best and point == result["choice"]
-            if point["mode"] == "gated" and point["threshold"] not in (0.25, 0.5, 0.75) and not chosen:
+            refuse = point.get("refuse_threshold")
+            shown = (point["mode"] != "gated" or point["threshold"] in (0.25, 0.5, 0.75)) and refuse in (None, 0.6, 0.8)
+            if not (shown or chosen):  # the table shows a sample of the curve; all of it is stored
                 continue
             mark = "chosen" if chosen else ("over budget" if point["benign_refusal"] > limit + 1e-9 else "")
             shown_threshold = "-" if point["threshold"] is None else f"{point['threshold']:g}"
             cells = [point["mode"], point["positions"], f"{point['alpha']:g}", shown_threshold,
+                     "-" if refuse is None else f"{refuse:g}",
                      f"{point['harmful_refusal']:.0%}", f"{point['benign_refusal']:.0%}", mark]  # fmt: skip
             table.add_row(*([artifact.method] if len(artifacts) > 1 else []), *cells)
     out.print(table)

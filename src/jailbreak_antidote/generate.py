@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .antidote import Antidote
 from .context import check_token_ids, prompt_names
 from .errors import InvalidParameter
 from .models import Chat, encode_prompts, prompt_token_ids
-from .steer import check_alpha
+from .steer import Steering, check_alpha, check_refuse_threshold
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,31 @@ def row_alphas(antidote: Antidote | None, alphas: Sequence[float] | float | None
 FIX_TOO_LONG = "shorten the prompt, or generate fewer new tokens (--max-new-tokens)"
 
 
+# What a prompt refused outright by the harm probe (refuse_threshold) is answered: a plain refusal, which
+# every refusal judge reads as one. The OpenAI-compatible server also marks it finish_reason "content_filter".
+REFUSAL_MESSAGE = "Sorry, I cannot help with that request."
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
     harm_score: float | None = None  # the harm probe's p(harmful) for the prompt, when the antidote has one
     monitor_triggered: bool | None = None  # monitor mode: the output monitor opened steering mid-answer
+    refused_by_probe: bool = False  # the prompt's harm score reached refuse_threshold: REFUSAL_MESSAGE, not generated
+
+
+class _StopRefused(StoppingCriteria):
+    """Ends the rows the probe refuses after their first token: their answer is REFUSAL_MESSAGE anyway, and a
+    batch of refused rows costs one prefill, not a generation."""
+
+    def __init__(self, steering: Steering, threshold: float):
+        self.steering, self.threshold = steering, threshold
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        harm = self.steering.scores
+        if harm is None:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (harm >= self.threshold).to(input_ids.device)
 
 
 def generate(
@@ -81,6 +101,7 @@ def generate_answers(
     mode: str = "fixed",
     threshold: float = 0.5,
     positions: str | None = None,
+    refuse_threshold: float | None = None,
     too_long_fix: str = FIX_TOO_LONG,
 ) -> list[Answer]:
     """Answer each prompt (a user message or a list of chat messages).
@@ -88,7 +109,9 @@ def generate_answers(
     With an antidote, prompt i is steered at alphas[i] (or one alpha for all; default: the antidote's
     tuned, else suggested alpha). Rows of different alpha share batches. `mode`, `threshold` and `positions`
     (None: the antidote's default): see `Antidote.applied`; with a harm probe in the antidote each answer
-    carries its prompt's harm score.
+    carries its prompt's harm score. `refuse_threshold` (needs the probe; None: never): a prompt whose harm
+    score reaches it is answered REFUSAL_MESSAGE instead of its generation (`Answer.refused_by_probe`), the
+    probe used as an input filter beside the steering.
 
     Raises ContextLengthError before generating anything if a prompt plus max_new_tokens does not fit the
     model's context (the message ends with `too_long_fix`), and InvalidParameter for token ids outside
@@ -98,8 +121,9 @@ def generate_answers(
     if getattr(model, "backend_name", "transformers") == "llamacpp":  # a LlamaCppModel: same contract
         from .llamacpp import llamacpp_generate
 
-        if mode != "fixed":
-            raise InvalidParameter(f"mode {mode!r} (harm probe) needs the transformers backend")
+        if mode != "fixed" or refuse_threshold is not None:
+            what = f"mode {mode!r}" if mode != "fixed" else "refuse_threshold"
+            raise InvalidParameter(f"{what} (harm probe) needs the transformers backend")
         if antidote is not None:
             check_control_vector(antidote, positions)
         texts = llamacpp_generate(
@@ -114,6 +138,10 @@ def generate_answers(
     if antidote is not None:
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
+    if check_refuse_threshold(refuse_threshold) is not None and (antidote is None or antidote.probe is None):
+        raise InvalidParameter(
+            "refuse_threshold reads the harm probe, and there is none; add one with `antidote probe FILE`"
+        )
     names = prompt_names(prompts)
     check_token_ids(model, prompt_token_ids(tokenizer, prompts, system), names, max_new_tokens, too_long_fix)
     device = next(model.parameters()).device
@@ -131,21 +159,26 @@ def generate_answers(
             )
             scores: list[float | None] = [None] * len(index)
             triggered: list[bool | None] = [None] * len(index)
+            refused = [False] * len(index)
             if antidote is None:
                 output = model.generate(**kwargs)
             else:
                 row_alpha = torch.tensor([alpha_values[i] for i in index])
                 with antidote.applied(model, row_alpha, validate=False, mode=mode, threshold=threshold,
                               positions=positions) as steering:  # fmt: skip
+                    if refuse_threshold is not None:
+                        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopRefused(steering, refuse_threshold)])
                     output = model.generate(**kwargs)
                 if steering.scores is not None:
                     scores = [round(float(x), 4) for x in steering.scores]
+                    if refuse_threshold is not None:
+                        refused = [bool(x >= refuse_threshold) for x in steering.scores]
                 if mode == "monitor" and steering.triggered is not None:
                     triggered = [bool(x) for x in steering.triggered]
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text, score, opened in zip(index, texts, scores, triggered):
-                answers[i] = Answer(text.strip(), score, opened)
+            for i, text, score, opened, refuse in zip(index, texts, scores, triggered, refused):
+                answers[i] = Answer(REFUSAL_MESSAGE if refuse else text.strip(), score, opened, refuse)
             progress.advance(task, len(index))
     return answers
 
@@ -183,5 +216,6 @@ def generate_grid(
     return [
         {"prompt": p, "alpha": a, "response": answer.text}
         | ({"harm_score": answer.harm_score} if answer.harm_score is not None else {})
+        | ({"refused_by_probe": True} if answer.refused_by_probe else {})
         for (p, a), answer in zip(rows, answers)
     ]

@@ -77,6 +77,16 @@ class Gate:
         return torch.ones_like(probability, dtype=torch.float32)
 
 
+def check_refuse_threshold(threshold: float | None) -> float | None:
+    """None (never refuse outright) or a probability in [0, 1]: prompts whose harm probability reaches it
+    are answered with a fixed refusal instead of being generated (the probe as an input filter)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= float(threshold) <= 1:
+        raise InvalidParameter(f"refuse_threshold must be a probability in [0, 1] (or none), got {threshold!r}")
+    return float(threshold)
+
+
 def check_alpha(alpha: Alpha) -> float | torch.Tensor:
     """A finite number, or a 1-D tensor of finite numbers (one per batch row)."""
     if isinstance(alpha, bool):

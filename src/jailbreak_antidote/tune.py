@@ -10,6 +10,12 @@ mode and one with the gate open; the gated mode at any threshold needs no more, 
 like the open gate when its harm probability reaches the threshold and like alpha 0 otherwise. The monitor
 mode (gated plus the output monitor) costs one generation per threshold, since its trigger depends on the
 answer.
+
+With a harm probe the tuner also tries refusing a prompt outright, without generating, once its harm
+probability reaches a refuse threshold (`REFUSE_THRESHOLDS`; the probe as an input filter beside the
+steering, and alone at alpha 0). That needs no generation either: a refused prompt's verdict is a refusal,
+the others keep theirs. For the gated mode only refuse thresholds above the gate's are tried (below it every
+prompt the gate opens is refused, which is the probe filter alone).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ FACTORS = (0.5, 1.0, 1.5, 2.0)
 POLICIES = ("all",)  # the paper's; `--positions all,prompt` also tries the prefill-only policy
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 MONITOR_THRESHOLDS = (0.5,)  # each costs a generation per alpha and policy
+REFUSE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(6, 20))  # 0.3 to 0.95
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,26 @@ class Point:
     harmful_refusal: float
     benign_refusal: float
     positions: str = "all"
+    refuse_threshold: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "alpha": self.alpha, "threshold": self.threshold, "positions": self.positions,
+            "refuse_threshold": self.refuse_threshold,
             "harmful_refusal": round(self.harmful_refusal, 4), "benign_refusal": round(self.benign_refusal, 4),
         }  # fmt: skip
+
+
+def rank(point: dict[str, Any]) -> tuple[float, ...]:
+    """The tuner's order: most harmful refusals, then fewest benign ones, then the gentlest alpha, then the
+    least outright refusing (none, else the highest refuse threshold)."""
+    refuse = point.get("refuse_threshold")
+    return (point["harmful_refusal"], -point["benign_refusal"], -point["alpha"], 2.0 if refuse is None else refuse)
+
+
+def with_refusals(refused: Sequence[bool], scores: Sequence[float | None], refuse_threshold: float) -> list[bool]:
+    """The verdicts once every prompt whose harm score reaches `refuse_threshold` is refused outright."""
+    return [r or (s is not None and s >= refuse_threshold) for r, s in zip(refused, scores)]
 
 
 def check_budget(budget: float) -> float:
@@ -85,12 +106,14 @@ def tune(
     thresholds: Sequence[float] = THRESHOLDS,
     policies: Sequence[str] = POLICIES,
     monitor_thresholds: Sequence[float] = MONITOR_THRESHOLDS,
+    refuse_thresholds: Sequence[float] = REFUSE_THRESHOLDS,
     max_new_tokens: int = 16,
     batch_size: int = 16,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """The chosen point and the whole curve; does not modify the antidote (see `Antidote.with_default`).
-    `policies`: the positions policies tried (steer.POSITIONS)."""
+    `policies`: the positions policies tried (steer.POSITIONS); `refuse_thresholds`: the outright-refusal
+    thresholds tried with a harm probe (empty: steering only)."""
     budget = check_budget(budget)
     for policy in policies:
         check_positions(policy)
@@ -117,29 +140,42 @@ def tune(
         )  # fmt: skip
         return [is_refusal(a.text) for a in answers], [a.harm_score for a in answers]
 
-    def point(mode: str, alpha: float, threshold: float | None, refused: Sequence[bool], positions: str) -> Point:
+    def point(mode: str, alpha: float, threshold: float | None, refused: Sequence[bool], positions: str,
+              refuse_threshold: float | None = None) -> Point:  # fmt: skip
         return Point(mode, alpha, threshold, sum(refused[:n_harmful]) / n_harmful,
-                     sum(refused[n_harmful:]) / len(benign), positions)  # fmt: skip
+                     sum(refused[n_harmful:]) / len(benign), positions, refuse_threshold)  # fmt: skip
 
-    base, _ = refusals(0.0, "fixed")
-    curve = [point("fixed", 0.0, None, base, "all")]
     adaptive = antidote.probe is not None
+    refuse_thresholds = list(refuse_thresholds) if adaptive else []
+
+    def add(mode: str, alpha: float, threshold: float | None, refused: list[bool], scores: list[float | None],
+            positions: str) -> None:  # fmt: skip
+        """The point as steered, and with each refuse threshold the probe may add (above the gate's)."""
+        curve.append(point(mode, alpha, threshold, refused, positions))
+        for refuse in refuse_thresholds:
+            if mode in ("gated", "monitor") and refuse <= (threshold or 0):
+                continue
+            curve.append(point(mode, alpha, threshold, with_refusals(refused, scores, refuse), positions, refuse))
+
+    base, base_scores = refusals(0.0, "fixed")  # at alpha 0 the probe reads the unsteered model
+    curve = [point("fixed", 0.0, None, base, "all")]
+    for refuse in refuse_thresholds:  # the probe as an input filter alone
+        curve.append(point("fixed", 0.0, None, with_refusals(base, base_scores, refuse), "all", refuse))
     for factor in factors:
         alpha = round(factor * antidote.suggested_alpha, 4)
         for policy in dict.fromkeys(policies):
             curve.append(point("fixed", alpha, None, refusals(alpha, "fixed", positions=policy)[0], policy))
             if adaptive:
-                curve.append(point("scaled", alpha, None, refusals(alpha, "scaled", positions=policy)[0], policy))
+                add("scaled", alpha, None, *refusals(alpha, "scaled", positions=policy), policy)
                 opened, gate_scores = refusals(alpha, "gated", 0.0, positions=policy)
                 for threshold in thresholds:
                     mixed = [o if (s or 0) >= threshold else b for o, b, s in zip(opened, base, gate_scores)]
-                    curve.append(point("gated", alpha, threshold, mixed, policy))
+                    add("gated", alpha, threshold, mixed, gate_scores, policy)
                 for threshold in monitor_thresholds:  # the monitor's trigger depends on the answer: one run each
-                    watched = refusals(alpha, "monitor", threshold, positions=policy)[0]
-                    curve.append(point("monitor", alpha, threshold, watched, policy))
+                    add("monitor", alpha, threshold, *refusals(alpha, "monitor", threshold, positions=policy), policy)
     limit = curve[0].benign_refusal + budget
     feasible = [p for p in curve if p.benign_refusal <= limit + 1e-9]
-    best = max(feasible, key=lambda p: (p.harmful_refusal, -p.benign_refusal, -p.alpha))
+    best = max(feasible, key=lambda p: rank(p.as_dict()))
     return {
         "choice": best.as_dict(),
         "baseline": curve[0].as_dict(),

@@ -55,6 +55,7 @@ class RunConfig:
     dtype: str = "float32"
     backend: str = "transformers"
     threshold: float = 0.5  # antidote-gated's harm-probability threshold
+    refuse_threshold: float | None = None  # steered defenses: harm probability from which a prompt is refused
 
     def describe_difference(self, other: dict[str, Any]) -> str:
         mine = asdict(self)
@@ -164,6 +165,7 @@ def open_output(out_dir: Path, config: RunConfig) -> tuple[RowStore, RowStore, R
         existing.setdefault("dtype", "float32")  # directories written before these options existed
         existing.setdefault("backend", "transformers")
         existing.setdefault("threshold", 0.5)
+        existing.setdefault("refuse_threshold", None)
         if "antidote_sha256" in existing:
             raise InvalidParameter(
                 f"{out_dir} was written by an older jailbreak-antidote that identified the antidote by its file "

@@ -38,9 +38,9 @@ from ..errors import InvalidParameter
 from ..eval.judges import is_refusal
 from ..models import render_prompt
 from ..steer import MODES, POSITIONS
-from .engine import BatchEngine, Delta, Finished, GenerationRequest
+from .engine import CONTENT_FILTER, BatchEngine, Delta, Finished, GenerationRequest
 from .metrics import ServerMetrics
-from .policy import ARMS, SETTING_KEYS, PolicyStore, ServerLimits, Setting, Tenant
+from .policy import ARMS, NEVER, SETTING_KEYS, PolicyStore, ServerLimits, Setting, Tenant
 from .requestlog import RequestLog
 from .schemas import ChatCompletionRequest, error_body
 
@@ -59,6 +59,7 @@ class ServerConfig:
     default_mode: str = "fixed"
     default_threshold: float = 0.5
     default_positions: str = "all"
+    default_refuse_threshold: float | None = None  # harm probability from which a prompt is refused outright
     alpha_min: float = 0.0
     alpha_max: float = 0.0
     api_key: str | None = None
@@ -205,7 +206,8 @@ def create_app(
             card["antidote"] = {
                 "default_alpha": default.alpha, "alpha_range": list(tenant.alpha_range),
                 "default_mode": default.mode, "default_threshold": default.threshold,
-                "default_positions": default.positions, "method": antidote.method,
+                "default_positions": default.positions, "default_refuse_threshold": default.refuse_threshold,
+                "method": antidote.method,
                 "harm_probe": antidote.probe is not None, "layers": len(antidote.layers), "k": antidote.k,
                 "tenant": tenant.name, "allow_override": tenant.allow_override,
                 "tune_curve": _tune_curve(antidote),
@@ -255,8 +257,9 @@ def create_app(
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
                            param="model", kind="not_found_error")  # fmt: skip
         arm, setting = tenant.assign(body.user, request_id)
-        asked = {key: getattr(body.antidote, key) for key in SETTING_KEYS if body.antidote is not None}
-        changed = [key for key, value in asked.items() if value is not None and value != getattr(setting, key)]
+        given = {key: getattr(body.antidote, key) for key in SETTING_KEYS if body.antidote is not None}
+        asked = {key: None if value == NEVER else value for key, value in given.items()}  # "never": no refusing
+        changed = [key for key in asked if given[key] is not None and asked[key] != getattr(setting, key)]
         if changed and not tenant.allow_override:
             key = changed[0]
             raise ApiError(400, f"the policy of tenant {tenant.name!r} does not let a request choose its setting: this "
@@ -266,6 +269,10 @@ def create_app(
             arm = "override"
             setting = Setting(**{key: asked[key] if key in changed else getattr(setting, key) for key in SETTING_KEYS})
         alpha, mode, threshold, positions = setting.alpha, setting.mode, setting.threshold, setting.positions
+        if setting.refuse_threshold is not None and (antidote is None or antidote.probe is None or on_llamacpp):
+            raise ApiError(400, "antidote.refuse_threshold reads the harm probe, which needs an antidote with one "
+                           '(`antidote probe`) on the transformers backend; send "never" or leave it out',
+                           "antidote.refuse_threshold")  # fmt: skip
         if positions != "all" and on_llamacpp:
             raise ApiError(400, f"antidote.positions {positions!r} needs the transformers backend (a llama.cpp "
                            "control vector steers every position); use 'all'", "antidote.positions")  # fmt: skip
@@ -295,7 +302,7 @@ def create_app(
         job = GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens, alpha=float(alpha), temperature=body.temperature,
             top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, mode=mode,
-            threshold=threshold, positions=positions,
+            threshold=threshold, positions=positions, refuse_threshold=setting.refuse_threshold,
         )  # fmt: skip
         return job, arm
 
@@ -353,7 +360,8 @@ class _Record:
         """The `antidote` object of a response: the setting that served it, the probe's score, the verdict."""
         job = self.job
         return {"alpha": job.alpha, "mode": job.mode, "threshold": job.threshold, "positions": job.positions,
-                "harm_score": event.harm_score, "refusal": self.refusal, "tenant": self.tenant,
+                "refuse_threshold": job.refuse_threshold, "harm_score": event.harm_score, "refusal": self.refusal,
+                "refused_by_probe": event.finish_reason == CONTENT_FILTER, "tenant": self.tenant,
                 "arm": self.arm}  # fmt: skip
 
     def first(self) -> None:
@@ -370,12 +378,15 @@ class _Record:
         self.metrics.completion_tokens.inc(event.completion_tokens)
         if self.refusal:
             self.metrics.refusals.labels(*labels).inc()
+        if event.finish_reason == CONTENT_FILTER:
+            self.metrics.probe_refusals.labels(*labels).inc()
         if event.harm_score is not None:
             self.metrics.harm_score.labels(*labels).observe(event.harm_score)
         entry = {
             "id": self.request_id, "tenant": self.tenant, "arm": self.arm, "alpha": self.job.alpha,
             "mode": self.job.mode, "threshold": self.job.threshold, "positions": self.job.positions,
-            "harm_score": event.harm_score, "prompt_tokens": len(self.job.prompt_ids),
+            "refuse_threshold": self.job.refuse_threshold, "harm_score": event.harm_score,
+            "prompt_tokens": len(self.job.prompt_ids),
             "completion_tokens": event.completion_tokens, "latency_s": round(latency, 4),
             "finish_reason": event.finish_reason, "refusal": self.refusal, "stream": stream,
         }  # fmt: skip
@@ -491,7 +502,8 @@ def _describe_validation(errors: Any) -> tuple[str, str, str | None]:
 
 def server_limits(config: ServerConfig, antidote: Antidote | None, on_llamacpp: bool) -> ServerLimits:
     """What a policy may ask of this server: its alpha range, the probe's modes, the positions policies."""
-    default = Setting(config.default_alpha, config.default_mode, config.default_threshold, config.default_positions)
+    default = Setting(config.default_alpha, config.default_mode, config.default_threshold, config.default_positions,
+                      config.default_refuse_threshold)  # fmt: skip
     probe = antidote is not None and antidote.probe is not None and not on_llamacpp
     return ServerLimits(config.alpha_min, config.alpha_max, probe, not on_llamacpp, default, config.api_key is not None)
 
@@ -513,10 +525,11 @@ def _tune_curve(antidote: Antidote) -> list[dict[str, Any]]:
     points = []
     for point in (antidote.tuned or {}).get("curve", []):
         try:
-            threshold = point.get("threshold")
+            threshold, refuse = point.get("threshold"), point.get("refuse_threshold")
             clean = {
                 "mode": point["mode"], "alpha": float(point["alpha"]),
                 "threshold": None if threshold is None else float(threshold),
+                "refuse_threshold": None if refuse is None else float(refuse),
                 "harmful_refusal": float(point["harmful_refusal"]), "benign_refusal": float(point["benign_refusal"]),
                 "positions": point.get("positions", "all"),
             }  # fmt: skip

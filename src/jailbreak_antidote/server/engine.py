@@ -19,8 +19,12 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..antidote import Antidote
+from ..generate import REFUSAL_MESSAGE
 from ..models import cache_argument, returned_cache
 from ..steer import Steering
+
+# The finish reason of a prompt the harm probe refused outright (OpenAI's name for a filtered answer).
+CONTENT_FILTER = "content_filter"
 
 
 @dataclass
@@ -32,7 +36,8 @@ class Delta:
 
 @dataclass
 class Finished:
-    """The end of one request: its whole answer and why it stopped ("stop", "length" or "error")."""
+    """The end of one request: its whole answer and why it stopped ("stop", "length", "error" or
+    CONTENT_FILTER: refused outright by the harm probe)."""
 
     text: str
     finish_reason: str
@@ -59,6 +64,7 @@ class GenerationRequest:
     mode: str = "fixed"  # fixed | gated | scaled (needs the antidote's harm probe)
     threshold: float = 0.5
     positions: str = "all"  # all | prompt | generated (steer.POSITIONS)
+    refuse_threshold: float | None = None  # harm probability from which the prompt is refused outright
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -113,6 +119,11 @@ class DecodeRow:
             spaces = [i for i in range(max(0, end - 3), end) if self.text[i] == " "]
             end = spaces[0] if spaces else end
         return end
+
+    def refuse(self) -> None:
+        """Answer REFUSAL_MESSAGE instead of the generation (the probe refused the prompt outright)."""
+        self.tokens, self.text = [], REFUSAL_MESSAGE
+        self.finish(CONTENT_FILTER)
 
     def finish(self, reason: str) -> None:
         self._stream(final=True)
@@ -275,12 +286,18 @@ class BatchEngine:
                 position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
             )  # fmt: skip
             cache = returned_cache(output)
+            refused: set[int] = set()
             if steering is not None and steering.scores is not None and rows[0].harm_score is None:
-                for row, score in zip(rows, steering.scores.tolist()):
+                for i, (row, score) in enumerate(zip(rows, steering.scores.tolist())):
                     row.harm_score = round(score, 4)
+                    if row.request.refuse_threshold is not None and score >= row.request.refuse_threshold:
+                        refused.add(i)
             tokens = choose_tokens(output.logits[:, -1, :], rows)
             keep = []
             for i, (row, token) in enumerate(zip(rows, tokens)):
+                if i in refused and not row.request.cancelled.is_set():
+                    row.refuse()
+                    continue
                 reason = "cancelled" if row.request.cancelled.is_set() else row.add(token, self.eos_ids)
                 if reason is None:
                     keep.append(i)

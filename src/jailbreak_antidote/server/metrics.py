@@ -39,6 +39,10 @@ class ServerMetrics:
             "antidote_refusals", "Answers the refusal keyword judge flags, by tenant and rollout arm", OUTCOME_LABELS,
             registry=r,
         )  # fmt: skip
+        self.probe_refusals = Counter(
+            "antidote_probe_refusals", "Prompts refused outright by the harm probe (refuse_threshold), by tenant and "
+            "rollout arm; also counted in antidote_refusals", OUTCOME_LABELS, registry=r,
+        )  # fmt: skip
         self.harm_score = Histogram(
             "antidote_harm_score", "The harm probe's probability per request (modes with a probe), by tenant and arm",
             OUTCOME_LABELS, buckets=HARM_BUCKETS, registry=r,
@@ -55,7 +59,7 @@ class ServerMetrics:
         """Create every (tenant, arm) series at 0, so dashboards show an idle arm as 0 rather than no data."""
         for tenant in tenants:
             for arm in arms:
-                for metric in (self.completions, self.refusals, self.latency, self.harm_score):
+                for metric in (self.completions, self.refusals, self.probe_refusals, self.latency, self.harm_score):
                     metric.labels(tenant, arm)
 
     def render(self) -> bytes:

@@ -2,8 +2,8 @@
 
 A policy maps each caller to a *tenant*, by API key (`api_keys = [...]` per tenant) or by a request header
 (`tenant_header = "X-Tenant"`), and gives every tenant a default setting (alpha, mode, threshold,
-positions), the alpha range its requests may ask for, and whether a request may override the default at
-all. A tenant may also name a *candidate* setting and the share of its traffic that gets it (a staged
+positions, refuse_threshold), the alpha range its requests may ask for, and whether a request may override
+the default at all. A tenant may also name a *candidate* setting and the share of its traffic that gets it (a staged
 rollout: pilot -> canary -> full): the arm of each request is drawn from a hash of the tenant, the
 rollout's name and the request's `user` field (or its request id when it sends none), so one user stays in
 one arm for as long as the rollout keeps its name and share. The file format is in docs/SERVING.md.
@@ -28,7 +28,8 @@ from ..steer import POSITIONS
 MODES = ("fixed", "gated", "scaled", "monitor")
 ARMS = ("baseline", "candidate", "override")  # override: the request set its own setting
 ASSIGN_BY = ("user", "request")
-SETTING_KEYS = ("alpha", "mode", "threshold", "positions")
+SETTING_KEYS = ("alpha", "mode", "threshold", "positions", "refuse_threshold")
+NEVER = "never"  # refuse_threshold's value for "do not refuse outright" (TOML and JSON requests alike)
 TENANT_KEYS = {*SETTING_KEYS, "api_keys", "alpha_range", "allow_override", "rollout"}
 ROLLOUT_KEYS = {*SETTING_KEYS, "share", "name", "assign_by"}
 DEFAULT_TENANT = "default"
@@ -45,15 +46,18 @@ class PolicyError(InvalidParameter):
 
 @dataclass(frozen=True)
 class Setting:
-    """What the antidote does for one request: strength, mode (and its threshold) and positions policy."""
+    """What the antidote does for one request: strength, mode (and its threshold), positions policy and the
+    harm probability from which the prompt is refused outright (None: never)."""
 
     alpha: float
     mode: str = "fixed"
     threshold: float = 0.5
     positions: str = "all"
+    refuse_threshold: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "mode": self.mode, "threshold": self.threshold, "positions": self.positions}
+        return {"alpha": self.alpha, "mode": self.mode, "threshold": self.threshold, "positions": self.positions,
+                "refuse_threshold": self.refuse_threshold}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,13 @@ def _setting(
         raise PolicyError(f"{at}: positions must be one of {', '.join(POSITIONS)}, got {_show(positions)}")
     if positions != "all" and not limits.any_positions:
         raise PolicyError(f'{at}: positions {positions!r} needs the transformers backend; use "all"')
-    return Setting(float(alpha), mode, float(threshold), positions)
+    refuse = table.get("refuse_threshold", NEVER if base.refuse_threshold is None else base.refuse_threshold)
+    if refuse != NEVER and (not _is_number(refuse) or not 0 <= refuse <= 1):
+        raise PolicyError(f'{at}: refuse_threshold is a harm probability in [0, 1] or "{NEVER}", got {_show(refuse)}')
+    if refuse != NEVER and not limits.probe:
+        raise PolicyError(f"{at}: refuse_threshold reads the harm probe, which this server's antidote lacks (or the "
+                          f'backend cannot read); use "{NEVER}"')  # fmt: skip
+    return Setting(float(alpha), mode, float(threshold), positions, None if refuse == NEVER else float(refuse))
 
 
 def _api_keys(table: dict[str, Any], at: str, by_header: bool) -> list[str]:

@@ -192,6 +192,18 @@ class AntidoteOptions(_Strict):
     positions: Literal["all", "prompt", "generated"] | None = Field(
         default=None, description="Which positions are steered: all (the paper), prompt (the prefill) or generated"
     )
+    refuse_threshold: float | Literal["never"] | None = Field(
+        default=None, description='Harm probability from which the prompt is refused outright, or "never"'
+    )
+
+    @field_validator("refuse_threshold", mode="before")
+    @classmethod
+    def _probability_or_never(cls, value: Any) -> Any:
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is None or value == "never" or (is_number and 0 <= value <= 1):  # NaN fails it
+            return value
+        raise _refuse("antidote.refuse_threshold", f'antidote.refuse_threshold is a harm probability in [0, 1] or '
+                      f'"never" (do not refuse outright), got {_show(value)}')  # fmt: skip
 
 
 class StreamOptions(_Strict):

@@ -23,6 +23,9 @@ ENV_ALPHA_MAX = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"
 ENV_POSITIONS = "JAILBREAK_ANTIDOTE_VLLM_POSITIONS"
 ENV_MODE = "JAILBREAK_ANTIDOTE_VLLM_MODE"
 ENV_THRESHOLD = "JAILBREAK_ANTIDOTE_VLLM_THRESHOLD"
+# The plugin does not refuse prompts outright (a tuned refuse_threshold): setting this to "never" serves such
+# an artifact with its steering only, as the operator's explicit choice.
+ENV_REFUSE = "JAILBREAK_ANTIDOTE_VLLM_REFUSE"
 
 # Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
 FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions")
@@ -142,8 +145,8 @@ def config_from_environment() -> PluginConfig | None:
 
     Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
     the range, or an artifact or default this plugin cannot apply (input-dependent readouts, the monitor mode,
-    a probe mode without a probe)."""
-    environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD)
+    a probe mode without a probe, a tuned outright refusal without JAILBREAK_ANTIDOTE_VLLM_REFUSE=never)."""
+    environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD, ENV_REFUSE)
     return _config(os.environ.get(ENV_ANTIDOTE) or None, *(os.environ.get(name) for name in environment))
 
 
@@ -172,6 +175,15 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
             f"{ENV_MODE}=gated (the same probe and threshold, without the monitor), or serve it with `antidote serve`"
         )
     check_mode(mode, has_probe, ENV_MODE)
+    refuse = os.environ.get(ENV_REFUSE)
+    if refuse not in (None, "", "never"):
+        raise InvalidParameter(f"{ENV_REFUSE} takes only 'never' (the plugin does not refuse outright), got {refuse!r}")
+    if antidote.default_refuse_threshold is not None and refuse != "never":
+        raise InvalidParameter(
+            f"{path} is tuned to refuse prompts outright from harm probability {antidote.default_refuse_threshold:g}, "
+            f"which the vLLM plugin does not do yet; set {ENV_REFUSE}=never to serve its steering alone (responses "
+            "carry the harm score, so a gateway can refuse), or serve it with `antidote serve`"
+        )
     threshold = _env_number(ENV_THRESHOLD)
     threshold = tuned_threshold if threshold is None else check_threshold(threshold, ENV_THRESHOLD)
     positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions
