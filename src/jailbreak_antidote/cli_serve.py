@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from . import bundled
-from .cli import BackendOption, DtypeOption, ModelOption, _check, _load, app, err, friendly_errors
+from .cli import (
+    BackendOption,
+    DtypeOption,
+    ModelOption,
+    _check,
+    _load,
+    app,
+    err,
+    friendly_errors,
+    resolve_refuse_threshold,
+)
 from .errors import InvalidParameter
 
 if TYPE_CHECKING:  # torch loads only when a command runs, so `--help` stays fast
@@ -147,7 +157,7 @@ def serve(
     from .server import ServerConfig, create_app
     from .server.app import server_limits
     from .server.policy import load_policy
-    from .steer import check_positions, check_refuse_threshold
+    from .steer import check_positions
 
     if max_batch < 1 or max_tokens < 1:
         raise InvalidParameter("--max-batch and --max-tokens must be at least 1")
@@ -163,14 +173,13 @@ def serve(
         raise InvalidParameter(f"--threshold is a harm probability in [0, 1], got {threshold}")
     if positions is not None:
         check_positions(positions)
-    if no_refuse and refuse_threshold is not None:
-        raise InvalidParameter("give --refuse-threshold or --no-refuse, not both")
-    check_refuse_threshold(refuse_threshold)
     if policy is not None:  # the file's syntax and keys before the model loads; its values once the range is known
         _precheck_policy(policy, api_key)
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is not None and backend == "llamacpp":
         check_control_vector(antidote, positions)  # before the model loads
+    if antidote is not None or refuse_threshold is not None:  # the built-in antidote has no probe
+        refuse_threshold = resolve_refuse_threshold(antidote, refuse_threshold, no_refuse, backend)
     if model is None and antidote is not None and antidote.model.get("name") in bundled.BUNDLED:
         model = antidote.model["name"]
     lm, tokenizer = _load(model, dtype, backend)
@@ -191,14 +200,6 @@ def serve(
     positions = positions or (antidote.default_positions if antidote is not None else "all")
     if mode != "fixed" and (antidote is None or backend == "llamacpp"):
         raise InvalidParameter("--mode gated / scaled needs an antidote with a harm probe on the transformers backend")
-    if refuse_threshold is None and not no_refuse and antidote is not None:
-        refuse_threshold = antidote.default_refuse_threshold
-        explained = "the artifact is tuned to refuse outright (refuse_threshold), which"
-    else:
-        explained = "--refuse-threshold"
-    if refuse_threshold is not None and (antidote is None or antidote.probe is None or backend == "llamacpp"):
-        raise InvalidParameter(f"{explained} reads the harm probe: it needs an antidote with one on the transformers "
-                               "backend; or pass --no-refuse")  # fmt: skip
     config = ServerConfig(
         model_name=served_model_name or name, default_alpha=float(default), default_mode=mode,
         default_threshold=threshold, default_positions=positions, default_refuse_threshold=refuse_threshold,
@@ -217,6 +218,9 @@ def serve(
         summary += "" if positions == "all" else f"; steering {positions} positions only"
         if refuse_threshold is not None:
             summary += f"; prompts with harm probability >= {refuse_threshold:g} are refused outright"
+        elif no_refuse and antidote.default_refuse_threshold is not None and default == 0:
+            summary += ("; note: this antidote's tuned default does not steer (alpha 0) and only refuses outright, "
+                        "so with --no-refuse it serves the undefended model")  # fmt: skip
         err.print(summary, highlight=False)
     if tenants is not None:
         err.print(f"policy {policy}: tenants {', '.join(tenants)} (reload: kill -HUP {os.getpid()})", highlight=False)

@@ -15,7 +15,7 @@ from .antidote import Antidote
 from .context import check_token_ids, prompt_names
 from .errors import InvalidParameter
 from .models import Chat, encode_prompts, prompt_token_ids
-from .steer import Steering, check_alpha, check_refuse_threshold
+from .steer import Steering, check_alpha, check_refuse_threshold, reaches
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class _StopRefused(StoppingCriteria):
         harm = self.steering.scores
         if harm is None:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return (harm >= self.threshold).to(input_ids.device)
+        return torch.tensor([reaches(x, self.threshold) for x in harm.tolist()], device=input_ids.device)
 
 
 def generate(
@@ -138,7 +138,8 @@ def generate_answers(
     if antidote is not None:
         antidote.validate(model)
         antidote.gate(mode, threshold)  # fail early on a bad mode or threshold
-    if check_refuse_threshold(refuse_threshold) is not None and (antidote is None or antidote.probe is None):
+    refuse_threshold = check_refuse_threshold(refuse_threshold)
+    if refuse_threshold is not None and (antidote is None or antidote.probe is None):
         raise InvalidParameter(
             "refuse_threshold reads the harm probe, and there is none; add one with `antidote probe FILE`"
         )
@@ -172,7 +173,7 @@ def generate_answers(
                 if steering.scores is not None:
                     scores = [round(float(x), 4) for x in steering.scores]
                     if refuse_threshold is not None:
-                        refused = [bool(x >= refuse_threshold) for x in steering.scores]
+                        refused = [reaches(x, refuse_threshold) for x in steering.scores.tolist()]
                 if mode == "monitor" and steering.triggered is not None:
                     triggered = [bool(x) for x in steering.triggered]
             new_tokens = output[:, encoded["input_ids"].shape[1] :]

@@ -14,6 +14,7 @@ kept for the generated tokens), so it is near zero for prompts like the benign o
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +83,16 @@ def check_refuse_threshold(threshold: float | None) -> float | None:
     are answered with a fixed refusal instead of being generated (the probe as an input filter)."""
     if threshold is None:
         return None
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= float(threshold) <= 1:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
         raise InvalidParameter(f"refuse_threshold must be a probability in [0, 1] (or none), got {threshold!r}")
     return float(threshold)
+
+
+def reaches(score: float, threshold: float) -> bool:
+    """Whether a harm score reaches a refuse threshold, compared at the 4 decimals every answer reports (so
+    a row whose reported score equals the threshold is refused, and `antidote tune`'s reading of reported
+    scores agrees with a real run)."""
+    return round(float(score), 4) >= threshold
 
 
 def check_alpha(alpha: Alpha) -> float | torch.Tensor:

@@ -34,7 +34,7 @@ from .eval.judges import is_refusal
 from .generate import generate_answers
 from .probe import TRAIN_ATTACKS
 from .prompts import builtin_calibration, builtin_prompts
-from .steer import check_positions
+from .steer import check_positions, reaches
 
 FACTORS = (0.5, 1.0, 1.5, 2.0)
 POLICIES = ("all",)  # the paper's; `--positions all,prompt` also tries the prefill-only policy
@@ -70,7 +70,7 @@ def rank(point: dict[str, Any]) -> tuple[float, ...]:
 
 def with_refusals(refused: Sequence[bool], scores: Sequence[float | None], refuse_threshold: float) -> list[bool]:
     """The verdicts once every prompt whose harm score reaches `refuse_threshold` is refused outright."""
-    return [r or (s is not None and s >= refuse_threshold) for r, s in zip(refused, scores)]
+    return [r or (s is not None and reaches(s, refuse_threshold)) for r, s in zip(refused, scores)]
 
 
 def check_budget(budget: float) -> float:

@@ -231,7 +231,13 @@ class DefenseRunner:
     def _rewritten(self, setting: Setting, prompts: list[str], steered: bool) -> list[Outcome]:
         """Defenses that turn each prompt into one longer conversation (Self-Reminder, ICD), with its cost."""
         chats = [self.generation_chats(setting, p)[0] for p in prompts]
-        return self._with_prompt_cost(prompts, chats, self._generate(chats, setting if steered else None))
+        if not steered:
+            return self._with_prompt_cost(prompts, chats, self._generate(chats))
+        answers = self._answers(chats, setting)
+        outcomes = self._with_prompt_cost(prompts, chats, [a.text for a in answers])
+        for outcome, answer in zip(outcomes, answers):  # the probe's score and outright refusal, as for antidote
+            outcome.blocked, outcome.details = answer.refused_by_probe, _answer_details(answer)
+        return outcomes
 
     def _smoothllm(self, setting: Setting, prompts: list[str]) -> list[Outcome]:
         copies = SMOOTHLLM_COPIES

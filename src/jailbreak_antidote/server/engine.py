@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from ..antidote import Antidote
 from ..generate import REFUSAL_MESSAGE
 from ..models import cache_argument, returned_cache
-from ..steer import Steering
+from ..steer import Steering, reaches
 
 # The finish reason of a prompt the harm probe refused outright (OpenAI's name for a filtered answer).
 CONTENT_FILTER = "content_filter"
@@ -290,7 +290,7 @@ class BatchEngine:
             if steering is not None and steering.scores is not None and rows[0].harm_score is None:
                 for i, (row, score) in enumerate(zip(rows, steering.scores.tolist())):
                     row.harm_score = round(score, 4)
-                    if row.request.refuse_threshold is not None and score >= row.request.refuse_threshold:
+                    if row.request.refuse_threshold is not None and reaches(score, row.request.refuse_threshold):
                         refused.add(i)
             tokens = choose_tokens(output.logits[:, -1, :], rows)
             keep = []

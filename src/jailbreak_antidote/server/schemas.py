@@ -202,8 +202,8 @@ class AntidoteOptions(_Strict):
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
         if value is None or value == "never" or (is_number and 0 <= value <= 1):  # NaN fails it
             return value
-        raise _refuse("antidote.refuse_threshold", f'antidote.refuse_threshold is a harm probability in [0, 1] or '
-                      f'"never" (do not refuse outright), got {_show(value)}')  # fmt: skip
+        raise _refuse("antidote.refuse_threshold", f'must be a harm probability in [0, 1] or "never" (do not '
+                      f'refuse outright), got {_show(value)}')  # fmt: skip
 
 
 class StreamOptions(_Strict):

