@@ -60,6 +60,9 @@ PositionsOption = Annotated[
         "steered prompt) or generated [default: tuned, or all]"
     ),
 ]
+NoRefuseOption = Annotated[
+    bool, typer.Option("--no-refuse", help="Never refuse outright, even if the artifact's tuned default does")
+]
 
 
 # Options that name where a command writes, checked before any work so that a bad path fails at once.
@@ -315,9 +318,7 @@ def generate(
             "probe) [default: tuned, or never]"
         ),
     ] = None,
-    no_refuse: Annotated[
-        bool, typer.Option("--no-refuse", help="Never refuse outright, even if the artifact's tuned default does")
-    ] = False,
+    no_refuse: NoRefuseOption = False,
     out_path: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Write JSON lines: prompt, alpha, response [default: print a table only]"),

@@ -13,6 +13,7 @@ from .cli import (
     BackendOption,
     DtypeOption,
     ModelOption,
+    NoRefuseOption,
     _check,
     _load,
     app,
@@ -112,9 +113,7 @@ def serve(
             "harm probe; the answer says finish_reason content_filter) [default: tuned, or never]"
         ),
     ] = None,
-    no_refuse: Annotated[
-        bool, typer.Option("--no-refuse", help="Never refuse outright by default, even if the artifact is tuned to")
-    ] = False,
+    no_refuse: NoRefuseOption = False,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
