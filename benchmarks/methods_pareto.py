@@ -22,7 +22,9 @@ from pathlib import Path
 STEERED_PREFIX = ("antidote", "dense-antidote")
 
 
-def read_points(run: Path, metric: str) -> dict[str, list[tuple[float, dict[str, tuple[float, float, float]]]]]:
+def read_points(
+    run: Path, metric: str, name: str | None = None
+) -> dict[str, list[tuple[float, dict[str, tuple[float, float, float]]]]]:
     """{curve label: [(alpha, {scope: (value, ci_low, ci_high)})]} of one directory: the attack `metric` over
     all prompts and benign compliance on harmless_test and xstest-safe."""
     wanted = {(metric, "overall"): "attack", ("benign_compliance", "harmless_test"): "harmless_test",
@@ -38,7 +40,7 @@ def read_points(run: Path, metric: str) -> dict[str, list[tuple[float, dict[str,
     for (defense, alpha), scopes in sorted(by_setting.items()):
         if len(scopes) < 3:
             continue  # a setting without both benign sets cannot be placed on both panels
-        label = f"{run.name} {defense}" if defense.startswith(STEERED_PREFIX) else defense
+        label = f"{name or run.name} {defense}" if defense.startswith(STEERED_PREFIX) else defense
         curves[label].append((alpha, scopes))
     return curves
 
@@ -64,8 +66,10 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     curves: dict[str, list] = {}
-    for run in args.runs:
-        for label, points in read_points(run, args.metric).items():
+    names = [run.name for run in args.runs]
+    for run in args.runs:  # two directories of one name (parts of two tables): told apart by their parent
+        name = f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name
+        for label, points in read_points(run, args.metric, name).items():
             curves.setdefault(label, points)  # baselines appear in one directory only; the first one counts
     ylabel = "DSR by refusal" if args.metric == "dsr" else "DSR by harm"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)

@@ -60,8 +60,10 @@ def main() -> None:
                 alone, steered = 1 - alone, 1 - steered
             elif group.endswith("unsafe"):
                 what = "refusal"
-            print(f"{group:14s} n={n:4d}  {what:10s} probe filter alone {alone:6.1%}   filter + steering of "
-                  f"{args.scored.name} {steered:6.1%}   (reach the threshold: {hits:6.1%})")
+            print(
+                f"{group:14s} n={n:4d}  {what:10s} probe filter alone {alone:6.1%}   filter + steering of "
+                f"{args.scored.name} {steered:6.1%}   (reach the threshold: {hits:6.1%})"
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ With `--antidote` (an artifact with a harm probe) each mode is timed against the
 interleaved rounds; gated and monitor run with threshold 0, so the gate is open and every prompt is
 steered: the probe's own cost on top of fixed steering (monitor: the probe also reads every generated
 token). A null_space artifact adds its readouts' cost; `--positions prompt` steers the prefill only.
+Mode `gated+refuse` is gated with the outright-refusal check after every token (`--refuse-threshold`,
+default 1.0 so that no row is refused and every row generates all its tokens): the check's own cost.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ import time
 import torch
 from _common import bundled_model_and_antidote, machine
 
+from jailbreak_antidote.generate import refusal_stopping
 from jailbreak_antidote.models import encode_prompts
 from jailbreak_antidote.prompts import builtin_prompts
 
 
-def timed_generate(model, batch, tokens: int, pad_id: int) -> float:
+def timed_generate(model, batch, tokens: int, pad_id: int, stopping=None) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         output = model.generate(
             **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_id,
-            temperature=None, top_p=None, top_k=None,
+            temperature=None, top_p=None, top_k=None, stopping_criteria=stopping,
         )  # fmt: skip
     elapsed = time.perf_counter() - started
     assert output.shape[1] - batch["input_ids"].shape[1] == tokens
@@ -44,21 +47,27 @@ def timed_generate(model, batch, tokens: int, pad_id: int) -> float:
 
 
 POSITIONS = "all"  # set from --positions in main()
+REFUSE_THRESHOLD = 1.0  # set from --refuse-threshold in main()
 
 
 def steered(model, antidote, alpha: float, mode: str):
-    return antidote.applied(model, alpha=alpha, mode=mode, threshold=0.0, positions=POSITIONS)
+    return antidote.applied(model, alpha=alpha, mode=mode.removesuffix("+refuse"), threshold=0.0, positions=POSITIONS)
+
+
+def stopping(steering, mode: str):
+    """The outright-refusal check for mode "gated+refuse", else none."""
+    return refusal_stopping(steering, REFUSE_THRESHOLD) if mode.endswith("+refuse") else None
 
 
 def hook_share(model, antidote, alpha: float, mode: str, batch, tokens: int, pad_id: int) -> float:
     """Fraction of a steered generation's time spent inside steer.py and probe.py (cProfile)."""
     profiler = cProfile.Profile()
-    with steered(model, antidote, alpha, mode):
+    with steered(model, antidote, alpha, mode) as steering:
         profiler.enable()
-        total = timed_generate(model, batch, tokens, pad_id)
+        total = timed_generate(model, batch, tokens, pad_id, stopping(steering, mode))
         profiler.disable()
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    ours = ("steer.py", "probe.py")
+    ours = ("steer.py", "probe.py", "generate.py")
     own = sum(tottime for (file, _, _), (_, _, tottime, _, _) in stats.items() if file.endswith(ours))
     return own / total
 
@@ -70,11 +79,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--antidote", help="A .antidote file (default: fit the built-in one)")
-    parser.add_argument("--modes", nargs="+", default=["fixed"], choices=["fixed", "gated", "scaled", "monitor"])
+    parser.add_argument("--modes", nargs="+", default=["fixed"],
+                        choices=["fixed", "gated", "scaled", "monitor", "gated+refuse"])  # fmt: skip
+    parser.add_argument("--refuse-threshold", type=float, default=1.0, help="for mode gated+refuse")
     parser.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
     args = parser.parse_args()
-    global POSITIONS
-    POSITIONS = args.positions
+    global POSITIONS, REFUSE_THRESHOLD
+    POSITIONS, REFUSE_THRESHOLD = args.positions, args.refuse_threshold
 
     if args.antidote:
         from jailbreak_antidote.antidote import Antidote
@@ -89,7 +100,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model {args.model}, method {antidote.method}, k={antidote.k}, {len(antidote.layers)} steered layers, "
           f"alpha {alpha}, positions {args.positions}")  # fmt: skip
-    print(f"{'batch':>5} {'mode':>7} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
+    print(f"{'batch':>5} {'mode':>12} {'plain tok/s':>12} {'steered tok/s':>14} {'overhead':>9} {'time in hooks':>14}")
     for batch_size in args.batch_sizes:
         batch = encode_prompts(tokenizer, prompts[:batch_size])
         timed_generate(model, batch, 4, tokenizer.pad_token_id)  # warm-up
@@ -101,15 +112,17 @@ def main() -> None:
                 if side == "plain":
                     seconds[side].append(timed_generate(model, batch, args.tokens, tokenizer.pad_token_id))
                 else:
-                    with steered(model, antidote, alpha, side):
-                        seconds[side].append(timed_generate(model, batch, args.tokens, tokenizer.pad_token_id))
+                    with steered(model, antidote, alpha, side) as steering:
+                        seconds[side].append(
+                            timed_generate(model, batch, args.tokens, tokenizer.pad_token_id, stopping(steering, side))
+                        )
         for mode in args.modes:
             overhead = statistics.median(s / p for s, p in zip(seconds[mode], seconds["plain"])) - 1
             share = hook_share(model, antidote, alpha, mode, batch, args.tokens, tokenizer.pad_token_id)
             plain_rate = batch_size * args.tokens / statistics.median(seconds["plain"])
             steered_rate = batch_size * args.tokens / statistics.median(seconds[mode])
             print(
-                f"{batch_size:>5} {mode:>7} {plain_rate:>12.1f} {steered_rate:>14.1f} {overhead:>+9.1%} {share:>14.2%}"
+                f"{batch_size:>5} {mode:>12} {plain_rate:>12.1f} {steered_rate:>14.1f} {overhead:>+9.1%} {share:>14.2%}"
             )
 
 

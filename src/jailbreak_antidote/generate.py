@@ -64,6 +64,12 @@ class Answer:
     refused_by_probe: bool = False  # the prompt's harm score reached refuse_threshold: REFUSAL_MESSAGE, not generated
 
 
+def refusal_stopping(steering: Steering, threshold: float) -> StoppingCriteriaList:
+    """Stopping criteria for `model.generate` under `steering`: a row ends once its prompt's harm score
+    reaches `threshold` (it will be answered REFUSAL_MESSAGE)."""
+    return StoppingCriteriaList([_StopRefused(steering, threshold)])
+
+
 class _StopRefused(StoppingCriteria):
     """Ends the rows the probe refuses after their first token: their answer is REFUSAL_MESSAGE anyway, and a
     batch of refused rows costs one prefill, not a generation."""
@@ -168,7 +174,7 @@ def generate_answers(
                 with antidote.applied(model, row_alpha, validate=False, mode=mode, threshold=threshold,
                               positions=positions) as steering:  # fmt: skip
                     if refuse_threshold is not None:
-                        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopRefused(steering, refuse_threshold)])
+                        kwargs["stopping_criteria"] = refusal_stopping(steering, refuse_threshold)
                     output = model.generate(**kwargs)
                 if steering.scores is not None:
                     scores = [round(float(x), 4) for x in steering.scores]
