@@ -15,7 +15,7 @@ interleaved rounds; gated and monitor run with threshold 0, so the gate is open 
 steered: the probe's own cost on top of fixed steering (monitor: the probe also reads every generated
 token). A null_space artifact adds its readouts' cost; `--positions prompt` steers the prefill only.
 Mode `gated+refuse` is gated with the outright-refusal check after every token (`--refuse-threshold`,
-default 1.0 so that no row is refused and every row generates all its tokens): the check's own cost.
+default 2, above any probability, so that the check runs and no row is refused): the check's own cost.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def timed_generate(model, batch, tokens: int, pad_id: int, stopping=None) -> flo
 
 
 POSITIONS = "all"  # set from --positions in main()
-REFUSE_THRESHOLD = 1.0  # set from --refuse-threshold in main()
+REFUSE_THRESHOLD = 2.0  # set from --refuse-threshold in main()
 
 
 def steered(model, antidote, alpha: float, mode: str):
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--antidote", help="A .antidote file (default: fit the built-in one)")
     parser.add_argument("--modes", nargs="+", default=["fixed"],
                         choices=["fixed", "gated", "scaled", "monitor", "gated+refuse"])  # fmt: skip
-    parser.add_argument("--refuse-threshold", type=float, default=1.0, help="for mode gated+refuse")
+    parser.add_argument("--refuse-threshold", type=float, default=2.0, help="for mode gated+refuse")
     parser.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
     args = parser.parse_args()
     global POSITIONS, REFUSE_THRESHOLD

@@ -261,3 +261,22 @@ def test_serve_checks_the_refuse_threshold_before_loading_the_model(tmp_path):
     assert result.exit_code == 2 and "and there is none" in result.output
     result = runner.invoke(app, ["serve", "-a", str(artifact), "--refuse-threshold", "0.5", "--no-refuse"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_without_refusals_serves_the_best_steering_only_point_of_the_curve(probed):
+    """--no-refuse (and the vLLM plugin's REFUSE=never) must not keep the point tuned jointly with refusals,
+    which is weaker alone: they take what `antidote tune --no-refuse` would have chosen from the same curve."""
+
+    def point(mode, alpha, threshold, refuse, harmful, benign):
+        return {"mode": mode, "alpha": alpha, "threshold": threshold, "positions": "all", "refuse_threshold": refuse,
+                "harmful_refusal": harmful, "benign_refusal": benign}  # fmt: skip
+
+    baseline = point("fixed", 0.0, None, None, 0.5, 0.08)
+    curve = [baseline, point("gated", 1.0, 0.35, None, 0.69, 0.10), point("gated", 4.0, 0.4, None, 0.83, 0.08),
+             point("fixed", 4.0, None, None, 0.88, 0.83), point("gated", 1.0, 0.35, 0.45, 0.98, 0.10)]  # fmt: skip
+    tuned = {**curve[-1], "baseline": baseline, "budget": 0.05, "curve": curve}
+    refusing = Antidote(**{**probed.__dict__, "alpha": {**probed.alpha, "tuned": tuned}})
+    plain = refusing.without_refusals()
+    assert plain.default_refuse_threshold is None and plain.default_alpha == 4.0  # not 1.0, the joint point
+    assert plain.default_mode == ("gated", 0.4) and plain.tuned["curve"] == curve
+    assert refusing.default_alpha == 1.0 and plain.without_refusals() is plain

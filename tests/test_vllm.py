@@ -139,7 +139,7 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
     alpha = {**qwen2_antidote.alpha, "tuned": {**point, "alpha": 0.0}}
     only_refusing = Antidote(**{**qwen2_antidote.__dict__, "alpha": alpha, "probe": probe})
     only_refusing = str(only_refusing.save(tmp_path / "r0.antidote"))
-    with pytest.raises(InvalidParameter, match="served without its refusals it is the undefended model"):
+    with pytest.raises(InvalidParameter, match=r"does not steer \(alpha 0\), so this would serve the undefended"):
         _config(only_refusing, "alpha 0", "never")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_ALPHA", "0.4")
     assert _config(only_refusing, "alpha 0.4", "never").default.alpha == 0.4

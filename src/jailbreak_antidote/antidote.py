@@ -149,6 +149,17 @@ class Antidote:
         tuned one, else None (never)."""
         return check_refuse_threshold((self.tuned or {}).get("refuse_threshold"))
 
+    def without_refusals(self) -> Antidote:
+        """This antidote with the best steering-only point of its stored tune curve as its default (what `antidote
+        tune --no-refuse` would have chosen), for running without outright refusals: the point tuned jointly with
+        refusals is weaker alone. Itself when its default does not refuse."""
+        if self.default_refuse_threshold is None:
+            return self
+        from .tune import steering_only
+
+        point = {key: value for key, value in steering_only(self.tuned).items() if key != "refuse_threshold"}
+        return replace(self, alpha={**self.alpha, "tuned": {**self.tuned, **point, "refuse_threshold": None}})
+
     @property
     def default_mode(self) -> tuple[str, float]:
         """(mode, threshold) used when none is given: the tuned ones, else ("fixed", 0.5)."""
@@ -315,9 +326,11 @@ class Antidote:
     # ----- persistence ----------------------------------------------------------------------------
     def format_version(self) -> int:
         """The lowest reader version that applies the file as meant (an older reader would silently steer
-        differently): 3 with a tuned refuse threshold, 2 with readouts or a tuned positions policy other than
+        differently, or draw refusing points of the tune curve as steering ones): 3 with a tuned refuse
+        threshold or refusing points in the tune curve, 2 with readouts or a tuned positions policy other than
         "all", else 1."""
-        if self.default_refuse_threshold is not None:
+        curve = (self.tuned or {}).get("curve") or []
+        if self.default_refuse_threshold is not None or any(p.get("refuse_threshold") is not None for p in curve):
             return 3
         return 2 if self.readouts is not None or self.default_positions != "all" else 1
 
@@ -376,8 +389,10 @@ class Antidote:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | None = None) -> Antidote:
-        """Read a .antidote file; with `model`, also check that it belongs to that model."""
+    def load(cls, path: str | Path, model: nn.Module | None = None, *, drop_bad_tuned: bool = False) -> Antidote:
+        """Read a .antidote file; with `model`, also check that it belongs to that model. A tuned default that
+        cannot be applied (a hand edit) is an ArtifactError, or dropped with `drop_bad_tuned` (`antidote tune`,
+        which replaces it)."""
         path = Path(path)
         if path.is_dir():
             raise ArtifactError(f"{str(path)!r} is a directory; give the .antidote file written by `antidote fit`")
@@ -417,7 +432,10 @@ class Antidote:
             try:
                 check_tuned(meta["alpha"]["tuned"], "its tuned default")
             except InvalidParameter as exc:
-                raise ArtifactError(f"antidote {str(path)!r}: {exc}; run `antidote tune` on it again") from None
+                if not drop_bad_tuned:
+                    raise ArtifactError(f"antidote {str(path)!r}: {exc}; run `antidote tune` on it again (it "
+                                        "replaces the tuned default)") from None  # fmt: skip
+                meta["alpha"] = {key: value for key, value in meta["alpha"].items() if key != "tuned"}
         antidote = cls(
             layers=layers,
             directions=directions,

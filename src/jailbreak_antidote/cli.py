@@ -338,6 +338,8 @@ def generate(
     antidote = Antidote.load(antidote_path) if antidote_path else None
     if antidote is None and alpha:
         raise InvalidParameter("--alpha needs --antidote (there is nothing to steer with)")
+    if antidote is not None and no_refuse:
+        antidote = antidote.without_refusals()  # its best steering-only point, not the one tuned with refusals
     tuned_mode, tuned_threshold = antidote.default_mode if antidote is not None else ("fixed", 0.5)
     mode, threshold = mode or tuned_mode, tuned_threshold if threshold is None else threshold
     refuse_threshold = resolve_refuse_threshold(antidote, refuse_threshold, no_refuse, backend)

@@ -175,6 +175,8 @@ def serve(
     if policy is not None:  # the file's syntax and keys before the model loads; its values once the range is known
         _precheck_policy(policy, api_key)
     antidote = Antidote.load(antidote_path) if antidote_path else None
+    if antidote is not None and no_refuse:
+        antidote = antidote.without_refusals()  # its best steering-only point, not the one tuned with refusals
     if antidote is not None and backend == "llamacpp":
         check_control_vector(antidote, positions)  # before the model loads
     if antidote is not None or refuse_threshold is not None:  # the built-in antidote has no probe
@@ -217,9 +219,6 @@ def serve(
         summary += "" if positions == "all" else f"; steering {positions} positions only"
         if refuse_threshold is not None:
             summary += f"; prompts with harm probability >= {refuse_threshold:g} are refused outright"
-        elif no_refuse and antidote.default_refuse_threshold is not None and default == 0:
-            summary += ("; note: this antidote's tuned default does not steer (alpha 0) and only refuses outright, "
-                        "so with --no-refuse it serves the undefended model")  # fmt: skip
         err.print(summary, highlight=False)
     if tenants is not None:
         err.print(f"policy {policy}: tenants {', '.join(tenants)} (reload: kill -HUP {os.getpid()})", highlight=False)

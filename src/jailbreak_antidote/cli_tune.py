@@ -69,7 +69,8 @@ def tune(
         check_positions(policy)
     if candidate and out_path is None:
         raise InvalidParameter("with --candidate give --out FILE: the winner may be any of the artifacts")
-    artifacts = [Antidote.load(path) for path in [antidote_path, *(candidate or [])]]
+    # A broken tuned default is what tune replaces: it must not stop tune from reading the file.
+    artifacts = [Antidote.load(path, drop_bad_tuned=True) for path in [antidote_path, *(candidate or [])]]
     harmful_prompts = read_prompts(harmful) if harmful else None
     benign_prompts = read_prompts(benign) if benign else None
     if benign_prompts is not None and len(benign_prompts) < needed_benign(budget):

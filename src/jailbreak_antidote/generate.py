@@ -121,7 +121,8 @@ def generate_answers(
 
     Raises ContextLengthError before generating anything if a prompt plus max_new_tokens does not fit the
     model's context (the message ends with `too_long_fix`), and InvalidParameter for token ids outside
-    the model's vocabulary or text no tokenizer can encode."""
+    the model's vocabulary, text no tokenizer can encode, or a refuse_threshold that is not a probability,
+    has no harm probe to read, or is asked of the llama.cpp backend."""
     if max_new_tokens < 1:
         raise InvalidParameter(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if getattr(model, "backend_name", "transformers") == "llamacpp":  # a LlamaCppModel: same contract

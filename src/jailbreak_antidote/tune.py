@@ -15,7 +15,8 @@ With a harm probe the tuner also tries refusing a prompt outright, without gener
 probability reaches a refuse threshold (`REFUSE_THRESHOLDS`; the probe as an input filter beside the
 steering, and alone at alpha 0). That needs no generation either: a refused prompt's verdict is a refusal,
 the others keep theirs. For the gated mode only refuse thresholds above the gate's are tried (below it every
-prompt the gate opens is refused, which is the probe filter alone).
+prompt the gate opens is refused, which is the probe filter alone); the fixed mode at alpha > 0 is not paired
+with refusals (its probe reads an already steered state, a scale the thresholds were not read on).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .eval.judges import is_refusal
 from .generate import generate_answers
 from .probe import TRAIN_ATTACKS
 from .prompts import builtin_calibration, builtin_prompts
-from .steer import check_positions, reaches
+from .steer import check_positions, check_refuse_threshold, reaches
 
 FACTORS = (0.5, 1.0, 1.5, 2.0)
 POLICIES = ("all",)  # the paper's; `--positions all,prompt` also tries the prefill-only policy
@@ -66,6 +67,18 @@ def rank(point: dict[str, Any]) -> tuple[float, ...]:
     least outright refusing (none, else the highest refuse threshold)."""
     refuse = point.get("refuse_threshold")
     return (point["harmful_refusal"], -point["benign_refusal"], -point["alpha"], 2.0 if refuse is None else refuse)
+
+
+def steering_only(tuned: dict[str, Any]) -> dict[str, Any]:
+    """The best point of a stored tune result that does not refuse outright, by the tuner's own rule (within
+    the budget, then `rank`): what `antidote tune --no-refuse` would have chosen from the same generations.
+    Without a stored curve (a hand-made default), the tuned point itself without its refusals."""
+    try:
+        limit = tuned["baseline"]["benign_refusal"] + tuned["budget"] + 1e-9
+        points = [p for p in tuned["curve"] if p.get("refuse_threshold") is None and p["benign_refusal"] <= limit]
+        return dict(max(points, key=rank))
+    except (KeyError, TypeError, ValueError):  # no curve, or not one this version wrote
+        return {**tuned, "refuse_threshold": None}
 
 
 def with_refusals(refused: Sequence[bool], scores: Sequence[float | None], refuse_threshold: float) -> list[bool]:
@@ -111,10 +124,12 @@ def tune(
     batch_size: int = 16,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """The chosen point and the whole curve; does not modify the antidote (see `Antidote.with_default`).
+    """The chosen point and the whole curve; does not modify the antidote (`antidote tune` stores the result).
     `policies`: the positions policies tried (steer.POSITIONS); `refuse_thresholds`: the outright-refusal
     thresholds tried with a harm probe (empty: steering only)."""
     budget = check_budget(budget)
+    for refuse in refuse_thresholds:
+        check_refuse_threshold(refuse)
     for policy in policies:
         check_positions(policy)
     if not policies:
@@ -153,8 +168,8 @@ def tune(
         """The point as steered, and with each refuse threshold the probe may add (above the gate's)."""
         curve.append(point(mode, alpha, threshold, refused, positions))
         for refuse in refuse_thresholds:
-            if mode in ("gated", "monitor") and refuse <= (threshold or 0):
-                continue
+            if mode == "gated" and refuse <= (threshold or 0):
+                continue  # every prompt the gate opens is refused: the filter alone (monitor still steers answers)
             curve.append(point(mode, alpha, threshold, with_refusals(refused, scores, refuse), positions, refuse))
 
     base, base_scores = refusals(0.0, "fixed")  # at alpha 0 the probe reads the unsteered model

@@ -158,6 +158,18 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     from ..cli_serve import strength_defaults
 
     antidote = Antidote.load(path)
+    refuse = os.environ.get(ENV_REFUSE)
+    if refuse not in (None, "", "never"):
+        raise InvalidParameter(f"{ENV_REFUSE} takes only 'never' (the plugin does not refuse outright), got {refuse!r}")
+    if antidote.default_refuse_threshold is not None and refuse != "never":
+        raise InvalidParameter(
+            f"{path} is tuned to refuse prompts outright from harm probability {antidote.default_refuse_threshold:g}, "
+            f"which the vLLM plugin does not do yet; set {ENV_REFUSE}=never to serve the best steering-only point of "
+            "its tune curve (responses carry the harm score, so a gateway can refuse), or serve it with "
+            "`antidote serve`"
+        )
+    refusing = antidote.default_refuse_threshold is not None
+    antidote = antidote.without_refusals()  # the point tuned jointly with refusals is weaker alone
     if antidote.readout_vectors() is not None:
         raise InvalidParameter(
             f"{path} is an input-dependent antidote (method {antidote.method}); the vLLM plugin applies fixed "
@@ -175,19 +187,11 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
             f"{ENV_MODE}=gated (the same probe and threshold, without the monitor), or serve it with `antidote serve`"
         )
     check_mode(mode, has_probe, ENV_MODE)
-    refuse = os.environ.get(ENV_REFUSE)
-    if refuse not in (None, "", "never"):
-        raise InvalidParameter(f"{ENV_REFUSE} takes only 'never' (the plugin does not refuse outright), got {refuse!r}")
-    if antidote.default_refuse_threshold is not None and refuse != "never":
+    if refusing and default == 0 and alpha is None:
         raise InvalidParameter(
-            f"{path} is tuned to refuse prompts outright from harm probability {antidote.default_refuse_threshold:g}, "
-            f"which the vLLM plugin does not do yet; set {ENV_REFUSE}=never to serve its steering alone (responses "
-            "carry the harm score, so a gateway can refuse), or serve it with `antidote serve`"
-        )
-    if antidote.default_refuse_threshold is not None and default == 0 and alpha is None:
-        raise InvalidParameter(
-            f"{path} is tuned to refuse outright with no steering (alpha 0): served without its refusals it is the "
-            f"undefended model; set {ENV_ALPHA} to a steering strength, or serve it with `antidote serve`"
+            f"{path}: without its outright refusals the best point of its tune curve does not steer (alpha 0), so "
+            f"this would serve the undefended model; set {ENV_ALPHA} to a steering strength, or serve it with "
+            "`antidote serve`"
         )
     threshold = _env_number(ENV_THRESHOLD)
     threshold = tuned_threshold if threshold is None else check_threshold(threshold, ENV_THRESHOLD)
