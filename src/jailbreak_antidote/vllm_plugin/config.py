@@ -24,7 +24,7 @@ ENV_POSITIONS = "JAILBREAK_ANTIDOTE_VLLM_POSITIONS"
 ENV_MODE = "JAILBREAK_ANTIDOTE_VLLM_MODE"
 ENV_THRESHOLD = "JAILBREAK_ANTIDOTE_VLLM_THRESHOLD"
 # The plugin does not refuse prompts outright (a tuned refuse_threshold): setting this to "never" serves such
-# an artifact with its steering only, as the operator's explicit choice.
+# an artifact at the best steering-only point of its tune curve, as the operator's explicit choice.
 ENV_REFUSE = "JAILBREAK_ANTIDOTE_VLLM_REFUSE"
 
 # Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
