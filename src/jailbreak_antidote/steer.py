@@ -71,9 +71,10 @@ class Gate:
             raise InvalidParameter(f"threshold must be in [0, 1], got {self.threshold!r}")
 
     def factor(self, probability: torch.Tensor) -> torch.Tensor:
-        if self.mode in ("gated", "monitor"):  # at the reported 4 decimals, as `antidote tune` reads them
-            opened = [reaches(p, self.threshold) for p in probability.tolist()]
-            return torch.tensor(opened, dtype=torch.float32, device=probability.device)
+        if self.mode in ("gated", "monitor"):
+            # The raw probability, as the vLLM plugin's branch-free gate compares it; `antidote tune` reads the
+            # 4-decimal scores answers report, which can differ only within 5e-5 of the threshold.
+            return (probability >= self.threshold).float()
         if self.mode == "scaled":
             return probability.float()
         return torch.ones_like(probability, dtype=torch.float32)
@@ -90,9 +91,9 @@ def check_refuse_threshold(threshold: float | None) -> float | None:
 
 
 def reaches(score: float, threshold: float) -> bool:
-    """Whether a harm score reaches a threshold (the gate's or the refuse threshold), compared at the 4
-    decimals every answer reports, so that a row whose reported score equals the threshold counts and
-    `antidote tune`, which reads reported scores, agrees with a real run."""
+    """Whether a harm score reaches a refuse threshold, compared at the 4 decimals every answer reports, so
+    that a row whose reported score equals the threshold is refused and `antidote tune`, which reads reported
+    scores, agrees with a real run."""
     return round(float(score), 4) >= threshold
 
 
