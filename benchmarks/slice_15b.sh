@@ -5,8 +5,9 @@
 # Then, on 20 JailbreakBench goals (every 5th), direct and wrapped in the 6 held-out templates = 140 attack
 # prompts, and the first 20 harmless_test / XSTest safe / XSTest unsafe prompts, 32 new tokens:
 #   $OUT/steering: undefended, ICD, the paper's antidote at its suggested alpha, and the best steering-only
-#                  point of the tune curve (gated; what `antidote tune --no-refuse` would choose, read from
-#                  the stored curve by the tuner's own rule instead of tuning again);
+#                  point of the tune curve (its mode's defense: antidote, antidote-gated, -scaled or -monitor;
+#                  what `antidote tune --no-refuse` would choose, read from the stored curve by the tuner's own
+#                  rule instead of tuning again);
 #   $OUT/refuse:   the tuned default, refusing outright from the refuse threshold the tuner chose (skipped
 #                  when it chose none).
 # A run's gate and refuse thresholds are part of its configuration, hence two directories. Published with
@@ -30,20 +31,21 @@ mkdir -p runs
 [ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype "$dtype" --out "$probe"
 [ -f "$tuned" ] || antidote tune "$probe" -m "$model" --dtype "$dtype" --factor 1 --factor 2 --factor 4 \
   --batch-size 32 --out "$tuned"
-# suggested alpha; the best steering-only point (alpha, gate threshold); the tuned choice (alpha, gate
-# threshold, refuse threshold or None)
-read -r suggested steer_alpha steer_threshold alpha threshold refuse < <(antidote inspect "$tuned" --json | python -c '
+# suggested alpha; the best steering-only point (defense, alpha, gate threshold); the tuned choice (defense,
+# alpha, gate threshold, refuse threshold or None). The defense is the eval's name for the point's mode.
+read -r suggested steer_defense steer_alpha steer_threshold defense alpha threshold refuse < <(
+  antidote inspect "$tuned" --json | python -c '
 import json, sys
-from jailbreak_antidote.tune import rank
+from jailbreak_antidote.tune import steering_only
 alpha = json.load(sys.stdin)["alpha"]
 tuned = alpha["tuned"]
-limit = tuned["baseline"]["benign_refusal"] + tuned["budget"] + 1e-9
-steering = max((p for p in tuned["curve"] if p.get("refuse_threshold") is None and p["benign_refusal"] <= limit),
-               key=rank)
-gate = lambda p: p["threshold"] if p["threshold"] is not None else 0.5
-print(alpha["suggested"], steering["alpha"], gate(steering), tuned["alpha"], gate(tuned), tuned.get("refuse_threshold"))')
-echo "suggested alpha $suggested; steering only: alpha $steer_alpha, threshold $steer_threshold;" \
-  "tuned: alpha $alpha, threshold $threshold, refuse threshold $refuse"
+steering = steering_only(tuned)
+def fields(p):
+    defense = "antidote" if p["mode"] == "fixed" else "antidote-" + p["mode"]
+    return [defense, p["alpha"], p["threshold"] if p["threshold"] is not None else 0.5]
+print(alpha["suggested"], *fields(steering), *fields(tuned), tuned.get("refuse_threshold"))')
+echo "suggested alpha $suggested; steering only: $steer_defense alpha $steer_alpha, threshold $steer_threshold;" \
+  "tuned: $defense alpha $alpha, threshold $threshold, refuse threshold $refuse"
 common=(-m "$model" -a "$tuned" --goals "$data/refusal_direction/raw/jailbreakbench.csv" --stride "${STRIDE:-5}"
   --attacks direct,developer-mode,opposite-mode,style-injection,future-tense,table-nesting,payload-splitting
   --max-new-tokens 32 --dtype "$dtype" --batch-size 32 --xstest "$data/xstest/xstest_prompts.csv"
@@ -51,12 +53,12 @@ common=(-m "$model" -a "$tuned" --goals "$data/refusal_direction/raw/jailbreakbe
   --harm-judge none)
 antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses none,icd,antidote \
   --alpha "$suggested"
-antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses antidote-gated \
+antidote eval "${common[@]}" --threshold "$steer_threshold" --out "$out/steering" --defenses "$steer_defense" \
   --alpha "$steer_alpha"
 bash benchmarks/publish_run.sh "$out/steering" "$published/steering"
 if [ "$refuse" != None ]; then
   antidote eval "${common[@]}" --threshold "$threshold" --refuse-threshold "$refuse" --out "$out/refuse" \
-    --defenses antidote-gated --alpha "$alpha"
+    --defenses "$defense" --alpha "$alpha"
   bash benchmarks/publish_run.sh "$out/refuse" "$published/refuse"
 fi
 cp "$tuned" "$published/qwen15-tuned-$dtype.antidote"
