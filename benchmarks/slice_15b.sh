@@ -26,11 +26,15 @@ model=qwen2.5-coder-1.5b-instruct
 base=runs/qwen15-builtin-$dtype.antidote
 probe=runs/qwen15-probe-$dtype.antidote
 tuned=runs/qwen15-tuned-$dtype.antidote
-mkdir -p runs
-[ -f "$base" ] || antidote fit -m "$model" --dtype "$dtype" --out "$base"
-[ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype "$dtype" --out "$probe"
+mkdir -p runs "$published"
+# The tuned artifact is kept beside the rows once tuned, so a fresh checkout resumes at the evals.
+kept=$published/qwen15-tuned-$dtype.antidote
+[ -f "$tuned" ] || [ ! -f "$kept" ] || cp "$kept" "$tuned"
+[ -f "$tuned" ] || [ -f "$base" ] || antidote fit -m "$model" --dtype "$dtype" --out "$base"
+[ -f "$tuned" ] || [ -f "$probe" ] || antidote probe "$base" -m "$model" --dtype "$dtype" --out "$probe"
 [ -f "$tuned" ] || antidote tune "$probe" -m "$model" --dtype "$dtype" --factor 1 --factor 2 --factor 4 \
   --batch-size 32 --out "$tuned"
+[ -f "$kept" ] || cp "$tuned" "$kept"
 # suggested alpha; the best steering-only point (defense, alpha, gate threshold); the tuned choice (defense,
 # alpha, gate threshold, refuse threshold or None). The defense is the eval's name for the point's mode.
 read -r suggested steer_defense steer_alpha steer_threshold defense alpha threshold refuse < <(
@@ -61,5 +65,4 @@ if [ "$refuse" != None ]; then
     --defenses "$defense" --alpha "$alpha"
   bash benchmarks/publish_run.sh "$out/refuse" "$published/refuse"
 fi
-cp "$tuned" "$published/qwen15-tuned-$dtype.antidote"
 echo "done: $published"
