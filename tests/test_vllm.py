@@ -64,10 +64,24 @@ def test_vllm_request_settings_are_checked_with_one_line_each():
     for extra_args, message in bad:
         with pytest.raises(InvalidParameter, match=message):
             plugin.setting(extra_args)
+    with pytest.raises(InvalidParameter, match="antidote_refuse_threshold needs the antidote's harm probe"):
+        plugin.setting({"antidote_refuse_threshold": 0.5})
+    assert plugin.setting({"antidote_refuse_threshold": "never"}).refuse_threshold is None
     probed = config(default=0.3, has_probe=True)
     gated = probed.setting({"antidote_mode": "gated", "antidote_threshold": 0.2})
-    assert gated == Setting(alpha=0.3, mode="gated", threshold=0.2) and gated.reads_probe
+    assert gated == Setting(alpha=0.3, mode="gated", threshold=0.2) and gated.reads_probe and gated.waits_for_probe
     assert not probed.setting({"antidote_mode": "scaled", "antidote_alpha": 0}).reads_probe  # alpha 0: unsteered
+    # Refusing outright needs the whole prompt's score (also at alpha 0), but the strength does not wait for it.
+    refusing = probed.setting({"antidote_refuse_threshold": "0.45", "antidote_alpha": 0})
+    assert refusing.refuse_threshold == 0.45 and refusing.reads_probe and not refusing.waits_for_probe
+    for value, message in [(1.5, r"antidote_refuse_threshold is a harm probability in \[0, 1\]"),
+                           ("sometimes", "antidote_refuse_threshold must be a number"),
+                           (None, "antidote_refuse_threshold must be a number")]:  # fmt: skip
+        with pytest.raises(InvalidParameter, match=message):
+            probed.setting({"antidote_refuse_threshold": value})
+    refusing_default = PluginConfig(Path("x"), Setting(alpha=0.3, refuse_threshold=0.6), 0, 2, has_probe=True)
+    assert refusing_default.setting(None).refuse_threshold == 0.6  # the default, unless the request says
+    assert refusing_default.setting({"antidote_refuse_threshold": "never"}).refuse_threshold is None
 
 
 def test_vllm_cache_salt_tells_settings_apart_and_alpha_zero_is_unsteered():
@@ -117,21 +131,28 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
     assert gated.default == Setting(alpha=0.5, mode="gated", threshold=0.3) and gated.has_probe
     with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_MODE 'gated' needs the antidote's harm probe"):
         _config(tuned("gated", None), "no probe")
+    last = HarmProbe(**{**probe.__dict__, "pooling": "last"})
+    with pytest.raises(InvalidParameter, match=r"read at the last prompt token .* refit it with `antidote probe`"):
+        _config(tuned("gated", last), "last pooling")
     with pytest.raises(InvalidParameter, match="set JAILBREAK_ANTIDOTE_VLLM_MODE=gated"):
         _config(tuned("monitor", probe), "monitor")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_MODE", "fixed")
     assert _config(tuned("monitor", probe), "monitor, served fixed").default.mode == "fixed"
     monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
-    # Tuned to refuse outright, which the plugin does not do: refused unless the operator says "never".
+    # Tuned to refuse outright: served as tuned; JAILBREAK_ANTIDOTE_VLLM_REFUSE overrides the threshold, or
+    # "never" serves the best steering-only point of the curve.
     point = {"mode": "gated", "alpha": 0.5, "threshold": 0.3, "refuse_threshold": 0.7}
     alpha = {**qwen2_antidote.alpha, "tuned": point}
     antidote = Antidote(**{**qwen2_antidote.__dict__, "alpha": alpha, "probe": probe})
     refusing = str(antidote.save(tmp_path / "r.antidote"))
-    with pytest.raises(InvalidParameter, match=r"refuse prompts outright from harm probability 0\.7.*REFUSE=never"):
-        _config(refusing, "refusing")
+    assert _config(refusing, "refusing").default == Setting(0.5, mode="gated", threshold=0.3, refuse_threshold=0.7)
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "sometimes")
-    with pytest.raises(InvalidParameter, match="takes only 'never'"):
+    with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_REFUSE must be a number"):
         _config(refusing, "refusing", "sometimes")
+    monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "0.9")
+    assert _config(refusing, "refusing", "0.9").default.refuse_threshold == 0.9
+    with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_REFUSE needs the antidote's harm probe"):
+        _config(str(path), "no probe", "0.9")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "never")
     assert _config(refusing, "refusing", "never").default == Setting(alpha=0.5, mode="gated", threshold=0.3)
     # Tuned to refuse with no steering at all: "never" would serve the undefended model, so it is refused
@@ -250,6 +271,60 @@ def test_vllm_scheduler_returns_each_finished_requests_harm_score():
     assert scheduler._free_request(SimpleNamespace(request_id="b")) == ({"remote": 1, RESPONSE_KEY: 0.2}, None)
     assert scheduler._free_request(SimpleNamespace(request_id="a")) == (None, None)  # returned once
     assert scheduler._antidote_scores == {}  # the unknown request's score was never held
+
+
+def test_vllm_scheduler_refuses_a_prompt_whose_score_reaches_its_threshold(tmp_path, qwen2_antidote, monkeypatch):
+    """The refusal replaces the first sampled token, finishes the request in that step (the asynchronous
+    scheduler's placeholder for that token is released), and is flagged in the finished request's
+    kv_transfer_params; a score below the threshold, a request answering already, or "never" is untouched."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin import refusals
+    from jailbreak_antidote.vllm_plugin.scores import REFUSED_KEY, RESPONSE_KEY, _returning
+
+    probe = unit_probe(qwen2_antidote.directions.shape[-1])
+    path = Antidote(**{**qwen2_antidote.__dict__, "probe": probe}).save(tmp_path / "p.antidote")
+    monkeypatch.setenv(ENV_ANTIDOTE, str(path))
+    monkeypatch.setattr(refusals, "refusal_token_ids", lambda scheduler, request: [7, 8, 9])
+    monkeypatch.setattr(refusals, "finished_stopped", lambda: SimpleNamespace(name="FINISHED_STOPPED"))
+
+    class Request(SimpleNamespace):
+        num_output_placeholders = 1
+
+        @property
+        def num_output_tokens(self) -> int:
+            return len(self.output)
+
+        def append_output_token_ids(self, token_id: int) -> None:
+            self.output.append(token_id)
+
+    def request(request_id: str, refuse: object, output: tuple = ()) -> Request:
+        params = SimpleNamespace(extra_args={"antidote_refuse_threshold": refuse})
+        return Request(request_id=request_id, sampling_params=params, output=list(output), status="RUNNING",
+                       stop_reason=None)  # fmt: skip
+
+    class Scheduler:
+        def _update_request_with_output(self, request: Request, new_token_ids: list[int], is_stale: bool = False):
+            request.output += new_token_ids
+            return new_token_ids, False
+
+        def _free_request(self, request: Request) -> tuple:
+            return None, None
+
+    Scheduler._update_request_with_output = refusals._refusing(Scheduler._update_request_with_output, placeholders=True)
+    Scheduler._free_request = _returning(Scheduler._free_request)
+    scheduler = Scheduler()
+    scheduler._antidote_scores = {"hit": 0.45, "low": 0.44, "later": 0.9, "never": 0.9}
+    hit = request("hit", 0.45)  # reaches it: the score as reported (4 decimals) equals the threshold
+    assert scheduler._update_request_with_output(hit, [42]) == ([7, 8, 9], True)
+    assert (hit.output, hit.stop_reason, hit.num_output_placeholders) == ([7, 8, 9], "antidote_refusal", 0)
+    assert hit.status.name == "FINISHED_STOPPED"
+    assert scheduler._free_request(hit) == ({RESPONSE_KEY: 0.45, REFUSED_KEY: True}, None)
+    for kept in (request("low", 0.45), request("later", 0.5, output=(5,)), request("never", "never")):
+        before = list(kept.output)
+        assert scheduler._update_request_with_output(kept, [42]) == ([42], False), kept.request_id
+        assert kept.output == [*before, 42] and kept.stop_reason is None
+        assert scheduler._free_request(kept) == ({RESPONSE_KEY: 0.44 if kept.request_id == "low" else 0.9}, None)
 
 
 # ----- engines ------------------------------------------------------------------------------------------
@@ -489,36 +564,69 @@ def test_vllm_compiled_model_keeps_the_steering_and_its_own_compile_cache(served
         stop_engine(llm)
 
 
-def test_vllm_gated_and_scaled_modes_match_the_transformers_engine(served, probed, monkeypatch):
+@pytest.fixture(scope="module")
+def whole_prompt_engine(served, probed):
+    """An engine serving the probed antidote without chunked prefill (the probe modes and refusals)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        llm = start_engine(served[0], probed[0], monkeypatch, chunked=False)
+        yield llm
+        stop_engine(llm)
+
+
+def test_vllm_gated_and_scaled_modes_match_the_transformers_engine(served, probed, whole_prompt_engine):
     """The probe read in the prompt's own prefill, inside a mixed batch (gated, scaled, fixed, alpha 0): the
     same answers as transformers, and each request alone answers as in the batch."""
-    directory, _path, ids, reference = served
-    probed_path, gated_reference = probed
-    llm = start_engine(directory, probed_path, monkeypatch, chunked=False)
-    try:
-        keys = [(mode, i) for mode in ("gated", "scaled") for i in range(len(ids))]
-        settings = [{"antidote_alpha": 1.2, "antidote_mode": mode, "antidote_threshold": 0.5} for mode, _i in keys]
-        keys += [("fixed", 0), ("zero", 1)]
-        settings += [{"antidote_alpha": 1.2}, {"antidote_alpha": 0, "antidote_mode": "gated"}]
-        expected = {**{key: ids_ for key, (ids_, _p) in gated_reference.items()},
-                    ("fixed", 0): reference[(1.2, "all", 0)], ("zero", 1): reference[(0.0, "all", 1)]}  # fmt: skip
-        outputs = generate(llm, [ids[i] for _m, i in keys], settings)
-        mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), expected[key])]
-        assert not mismatched, f"differ from transformers: {mismatched}"
-        for key, out in zip(keys, outputs):  # the harm score comes back with each answer
-            score = out.kv_transfer_params["antidote_harm_score"]
-            if key in gated_reference:
-                assert score == pytest.approx(gated_reference[key][1], rel=1e-3, abs=1e-6), key
-            assert 0 <= score <= 1
-        gated_open = [i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5]
-        shut = [i for i in range(len(ids)) if i not in gated_open]
-        assert all(expected[("gated", i)] == reference[(0.0, "all", i)] for i in shut)  # shut: the plain answer
-        assert any(expected[("gated", i)] != reference[(0.0, "all", i)] for i in gated_open)  # open: steered
-        for key, setting, out in list(zip(keys, settings, outputs))[::3]:
-            alone = generate(llm, [ids[key[1]]], [setting])
-            assert token_ids(alone[0]) == token_ids(out), key
-    finally:
-        stop_engine(llm)
+    _directory, _path, ids, reference = served
+    _probed_path, gated_reference = probed
+    llm = whole_prompt_engine
+    keys = [(mode, i) for mode in ("gated", "scaled") for i in range(len(ids))]
+    settings = [{"antidote_alpha": 1.2, "antidote_mode": mode, "antidote_threshold": 0.5} for mode, _i in keys]
+    keys += [("fixed", 0), ("zero", 1)]
+    settings += [{"antidote_alpha": 1.2}, {"antidote_alpha": 0, "antidote_mode": "gated"}]
+    expected = {**{key: ids_ for key, (ids_, _p) in gated_reference.items()},
+                ("fixed", 0): reference[(1.2, "all", 0)], ("zero", 1): reference[(0.0, "all", 1)]}  # fmt: skip
+    outputs = generate(llm, [ids[i] for _m, i in keys], settings)
+    mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), expected[key])]
+    assert not mismatched, f"differ from transformers: {mismatched}"
+    for key, out in zip(keys, outputs):  # the harm score comes back with each answer
+        score = out.kv_transfer_params["antidote_harm_score"]
+        if key in gated_reference:
+            assert score == pytest.approx(gated_reference[key][1], rel=1e-3, abs=1e-6), key
+        assert 0 <= score <= 1
+    gated_open = [i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5]
+    shut = [i for i in range(len(ids)) if i not in gated_open]
+    assert all(expected[("gated", i)] == reference[(0.0, "all", i)] for i in shut)  # shut: the plain answer
+    assert any(expected[("gated", i)] != reference[(0.0, "all", i)] for i in gated_open)  # open: steered
+    for key, setting, out in list(zip(keys, settings, outputs))[::3]:
+        alone = generate(llm, [ids[key[1]]], [setting])
+        assert token_ids(alone[0]) == token_ids(out), key
+
+
+def test_vllm_refuses_outright_where_the_prompts_score_reaches_the_threshold(served, probed, whole_prompt_engine):
+    """antidote_refuse_threshold in a mixed batch: the prompts whose score reaches it are answered with the
+    fixed refusal (stop_reason antidote_refusal, flagged in kv_transfer_params), also at alpha 0; the others
+    answer exactly as without it (the transformers engine's gated answers)."""
+    from jailbreak_antidote.generate import REFUSAL_MESSAGE
+
+    _directory, _path, ids, reference = served
+    _probed_path, gated_reference = probed
+    risky = [i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5]
+    gated = {"antidote_alpha": 1.2, "antidote_mode": "gated", "antidote_threshold": 0.5}
+    settings = [{**gated, "antidote_refuse_threshold": 0.5} for _ in ids]
+    settings += [{"antidote_alpha": 0, "antidote_refuse_threshold": 0.5}]
+    settings += [{**gated, "antidote_refuse_threshold": "never"}]
+    prompts = [*ids, ids[risky[0]], ids[risky[0]]]
+    outputs = generate(whole_prompt_engine, prompts, settings)
+    refused = [i for i, out in enumerate(outputs) if (out.kv_transfer_params or {}).get("antidote_refused")]
+    assert refused == [*risky, len(ids)], refused  # the risky prompts, and the alpha-0 one; not "never"
+    for i in refused:
+        answer = outputs[i].outputs[0]
+        assert (answer.text, answer.finish_reason, answer.stop_reason) == (REFUSAL_MESSAGE, "stop", "antidote_refusal")
+        assert outputs[i].kv_transfer_params["antidote_harm_score"] >= 0.5
+    for i in [i for i in range(len(ids)) if i not in risky]:
+        assert same_as_reference(token_ids(outputs[i]), gated_reference[("gated", i)][0]), i
+    assert same_as_reference(token_ids(outputs[-1]), gated_reference[("gated", risky[0])][0])
+    assert reference  # the reference engine ran
 
 
 def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):
@@ -535,8 +643,10 @@ def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):
     monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
     llm = start_engine(directory, probed_path, monkeypatch)
     try:
-        with pytest.raises(VLLMValidationError, match="antidote_mode 'scaled' reads the whole prompt"):
+        with pytest.raises(VLLMValidationError, match="mode 'scaled' reads the whole prompt"):
             generate(llm, [ids[0]], [{"antidote_mode": "scaled"}])
+        with pytest.raises(VLLMValidationError, match=r"refusal \(from harm probability 0\.5\) reads the whole"):
+            generate(llm, [ids[0]], [{"antidote_refuse_threshold": 0.5}])
         assert token_ids(generate(llm, [ids[0]], [{}])[0])
     finally:
         stop_engine(llm)
@@ -576,6 +686,8 @@ def stream_events(port: int, body: dict) -> list[dict]:
 
 
 def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tmp_path):
+    from jailbreak_antidote.generate import REFUSAL_MESSAGE
+
     directory, _path, ids, reference = served
     probed_path, _gated_reference = probed
     port = free_port()
@@ -584,6 +696,7 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tm
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory),
                                "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--port", str(port),
+                               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "1024",
                                "--host", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.time() + 240
@@ -605,6 +718,11 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tm
         assert status == 200 and answer["choices"][0]["text"] != steered_text
         status, answer = post(port, {**body, "vllm_xargs": {"antidote_alpha": 9}})
         assert status == 400 and "outside the allowed range" in answer["error"]["message"], answer
+        status, answer = post(port, {**body, "vllm_xargs": {"antidote_alpha": 1.2, "antidote_refuse_threshold": 0}})
+        choice = answer["choices"][0]
+        assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (
+            REFUSAL_MESSAGE, "stop", "antidote_refusal"), answer  # fmt: skip
+        assert answer["kv_transfer_params"]["antidote_refused"] is True
         streamed = stream_events(port, {**body, "stream": True})  # the score rides on the finishing chunk
         finishing = [e for e in streamed if any(c.get("finish_reason") for c in e.get("choices", []))]
         assert len(finishing) == 1 and "".join(c["text"] for e in streamed for c in e["choices"]) == steered_text

@@ -54,6 +54,7 @@ def register() -> None:
     if config is not None:
         use_runner_v1()
     from .frontend import patch_engine_config, patch_input_processor
+    from .refusals import patch_refusals
     from .runner import patch_model_runners
     from .scores import patch_scheduler
     from .streaming import patch_streams
@@ -62,6 +63,7 @@ def register() -> None:
     patch_input_processor()
     patch_model_runners()
     patch_scheduler()
+    patch_refusals()
     patch_streams()
     salt_compile_cache()
 

@@ -23,12 +23,13 @@ ENV_ALPHA_MAX = "JAILBREAK_ANTIDOTE_VLLM_ALPHA_MAX"
 ENV_POSITIONS = "JAILBREAK_ANTIDOTE_VLLM_POSITIONS"
 ENV_MODE = "JAILBREAK_ANTIDOTE_VLLM_MODE"
 ENV_THRESHOLD = "JAILBREAK_ANTIDOTE_VLLM_THRESHOLD"
-# The plugin does not refuse prompts outright (a tuned refuse_threshold): setting this to "never" serves such
-# an artifact at the best steering-only point of its tune curve, as the operator's explicit choice.
+# The harm probability from which a prompt is refused outright (the artifact's tuned refuse_threshold unless
+# set): a number in [0, 1], or "never" (then a refusing artifact serves the best steering-only point of its tune
+# curve, as `antidote serve --no-refuse`).
 ENV_REFUSE = "JAILBREAK_ANTIDOTE_VLLM_REFUSE"
 
 # Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
-FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions")
+FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions", "antidote_refuse_threshold")
 # Modes the plugin applies. The output monitor (mode "monitor") steers from a generated token on, which the
 # engine's per-step buffers do not carry yet: serve it with `antidote serve`.
 PLUGIN_MODES = ("fixed", "gated", "scaled")
@@ -39,21 +40,29 @@ POSITIONS_CODE = {name: code for code, name in enumerate(POSITIONS)}  # the runn
 @dataclass(frozen=True)
 class Setting:
     """One request's steering: strength alpha (0 = the unmodified model, bit for bit), positions policy, and
-    mode (fixed; gated or scaled by the harm probe at `threshold`, as `steer.Gate`)."""
+    mode (fixed; gated or scaled by the harm probe at `threshold`, as `steer.Gate`); and the harm probability
+    from which its prompt is refused outright (None: never), as `generate_answers(refuse_threshold=)`."""
 
     alpha: float
     positions: str = "all"
     mode: str = "fixed"
     threshold: float = 0.5
+    refuse_threshold: float | None = None
 
     @property
     def steered(self) -> bool:
         return self.alpha != 0.0
 
     @property
-    def reads_probe(self) -> bool:
-        """Whether the strength waits for the probe: the prompt must be read whole, in one engine step."""
+    def waits_for_probe(self) -> bool:
+        """Whether the strength depends on the probe's score of the prompt (gated or scaled, steered)."""
         return self.steered and self.mode in PROBE_MODES
+
+    @property
+    def reads_probe(self) -> bool:
+        """Whether the request needs the probe's score of its whole prompt (its strength waits for it, or it
+        may be refused outright): the prompt must be read whole, in one engine step."""
+        return self.waits_for_probe or self.refuse_threshold is not None
 
     def cache_salt(self) -> str:
         """What keeps prefix-cache blocks computed under this setting from serving another setting."""
@@ -97,7 +106,23 @@ class PluginConfig:
         positions = str(given.get("antidote_positions", self.default.positions))
         if positions not in POSITIONS:
             raise InvalidParameter(f"antidote_positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-        return Setting(alpha=alpha, positions=positions, mode=mode, threshold=threshold)
+        refuse = self.default.refuse_threshold
+        if "antidote_refuse_threshold" in given:
+            refuse = refuse_threshold(given["antidote_refuse_threshold"], "antidote_refuse_threshold", self.has_probe)
+        return Setting(alpha=alpha, positions=positions, mode=mode, threshold=threshold, refuse_threshold=refuse)
+
+
+def refuse_threshold(value: Any, name: str, has_probe: bool) -> float | None:
+    """A refuse threshold from a request field or the environment: "never" (None) or a harm probability."""
+    if value == "never":
+        return None
+    threshold = check_threshold(_number(value, name), name)
+    if not has_probe:
+        raise InvalidParameter(
+            f"{name} needs the antidote's harm probe, and this antidote has none; add one with `antidote probe`, "
+            'or send "never"'
+        )
+    return threshold
 
 
 def check_mode(mode: str, has_probe: bool, name: str) -> str:
@@ -145,7 +170,7 @@ def config_from_environment() -> PluginConfig | None:
 
     Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
     the range, or an artifact or default this plugin cannot apply (input-dependent readouts, the monitor mode,
-    a probe mode without a probe, a tuned outright refusal without JAILBREAK_ANTIDOTE_VLLM_REFUSE=never)."""
+    a probe mode or a refuse threshold without a probe)."""
     environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD, ENV_REFUSE)
     return _config(os.environ.get(ENV_ANTIDOTE) or None, *(os.environ.get(name) for name in environment))
 
@@ -158,22 +183,23 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     from ..cli_serve import strength_defaults
 
     antidote = Antidote.load(path)
-    refuse = os.environ.get(ENV_REFUSE)
-    if refuse not in (None, "", "never"):
-        raise InvalidParameter(f"{ENV_REFUSE} takes only 'never' (the plugin does not refuse outright), got {refuse!r}")
-    if antidote.default_refuse_threshold is not None and refuse != "never":
-        raise InvalidParameter(
-            f"{path} is tuned to refuse prompts outright from harm probability {antidote.default_refuse_threshold:g}, "
-            f"which the vLLM plugin does not do yet; set {ENV_REFUSE}=never to serve the best steering-only point of "
-            "its tune curve (responses carry the harm score, so a gateway can refuse), or serve it with "
-            "`antidote serve`"
-        )
-    refusing = antidote.default_refuse_threshold is not None
-    antidote = antidote.without_refusals()  # the point tuned jointly with refusals is weaker alone
+    raw_refuse = os.environ.get(ENV_REFUSE) or None
+    refuse = antidote.default_refuse_threshold
+    if raw_refuse is not None:
+        refuse = refuse_threshold(raw_refuse, ENV_REFUSE, antidote.probe is not None)
+    # "never" on a refusing artifact: the point tuned jointly with refusals is weaker alone
+    refusing = antidote.default_refuse_threshold is not None and refuse is None
+    if refusing:
+        antidote = antidote.without_refusals()
     if antidote.readout_vectors() is not None:
         raise InvalidParameter(
             f"{path} is an input-dependent antidote (method {antidote.method}); the vLLM plugin applies fixed "
             "directions only so far: serve it with `antidote serve`, or fit --method pca / mean_diff / jailbreak_diff"
+        )
+    if antidote.probe is not None and antidote.probe.pooling != "max":
+        raise InvalidParameter(
+            f"{path} has a harm probe read at the last prompt token (pooling {antidote.probe.pooling!r}, written by an "
+            "older version), which the vLLM plugin does not read; refit it with `antidote probe` (max pooling)"
         )
     alpha = _env_number(ENV_ALPHA)
     low = _env_number(ENV_ALPHA_MIN)
@@ -190,13 +216,13 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     if refusing and default == 0 and alpha is None:
         raise InvalidParameter(
             f"{path}: without its outright refusals the best point of its tune curve does not steer (alpha 0), so "
-            f"this would serve the undefended model; set {ENV_ALPHA} to a steering strength, or serve it with "
-            "`antidote serve`"
+            f"this would serve the undefended model; set {ENV_ALPHA} to a steering strength, or leave "
+            f"{ENV_REFUSE} unset to refuse as tuned"
         )
     threshold = _env_number(ENV_THRESHOLD)
     threshold = tuned_threshold if threshold is None else check_threshold(threshold, ENV_THRESHOLD)
     positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions
     if positions not in POSITIONS:
         raise InvalidParameter(f"{ENV_POSITIONS} must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    default_setting = Setting(alpha=default, positions=positions, mode=mode, threshold=threshold)
+    default_setting = Setting(default, positions, mode, threshold, refuse_threshold=refuse)
     return PluginConfig(Path(path), default_setting, low, high, has_probe=has_probe)

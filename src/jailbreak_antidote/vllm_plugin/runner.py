@@ -203,7 +203,8 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
     computed = np.asarray(batch.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
     alphas = np.zeros(num_reqs, dtype=np.float32)
     known = np.zeros(num_reqs, dtype=np.float32)  # the factor (0 while a probe mode's score is not known)
-    probe_mode = np.zeros(num_reqs, dtype=bool)
+    waits = np.zeros(num_reqs, dtype=bool)  # the strength waits for the probe's score (gated, scaled)
+    whole = np.zeros(num_reqs, dtype=bool)  # the probe must read the whole prompt (waits, or may be refused)
     thresholds = np.zeros(num_reqs, dtype=np.float32)
     scaled = np.zeros(num_reqs, dtype=bool)
     prompt_lengths = np.zeros(num_reqs, dtype=np.int64)
@@ -215,7 +216,8 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
             params = request.sampling_params
             setting = state.settings[request_id] = state.config.setting(params.extra_args if params else None)
         factor = state.factor(request_id)
-        alphas[i], known[i], probe_mode[i] = setting.alpha, 0.0 if factor is None else factor, setting.reads_probe
+        alphas[i], known[i] = setting.alpha, 0.0 if factor is None else factor
+        waits[i], whole[i] = setting.waits_for_probe, setting.reads_probe
         thresholds[i], scaled[i] = setting.threshold, setting.mode == "scaled"
         policies[i], prompt_lengths[i] = POSITIONS_CODE[setting.positions], request.num_prompt_tokens
     owner = np.repeat(np.arange(num_reqs), counts)
@@ -226,12 +228,13 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         policy == POSITIONS_CODE["all"], True, np.where(policy == POSITIONS_CODE["prompt"], in_prompt, ~in_prompt)
     )
     strength = alphas[owner] * keep
-    # The probe pools a prompt read whole in this step: a probe mode's always is (the front end sends those
-    # only to engines without chunked prefill, and skips their prefix-cache reads); a fixed request's prompt
-    # read in parts gets no score. A probe mode's prompt tokens wait for this step's factor, also when a
-    # preempted request's prompt is read again; its generated tokens take the factor read before.
-    reads = ((computed == 0) & (counts >= prompt_lengths)) | (probe_mode & (computed < prompt_lengths))
-    pending = in_prompt & probe_mode[owner]
+    # The probe pools a prompt read whole in this step: a probe mode's or a refusing request's always is (the
+    # front end sends those only to engines without chunked prefill, and skips their prefix-cache reads); a
+    # fixed request's prompt read in parts gets no score. A probe mode's prompt tokens wait for this step's
+    # factor, also when a preempted request's prompt is read again; its generated tokens take the factor read
+    # before.
+    reads = ((computed == 0) & (counts >= prompt_lengths)) | (whole & (computed < prompt_lengths))
+    pending = in_prompt & waits[owner]
     state.steering.write(
         base=np.where(pending, 0.0, strength * known[owner]).astype(np.float32),
         pending=np.where(pending, strength, 0.0).astype(np.float32),

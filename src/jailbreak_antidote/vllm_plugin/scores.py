@@ -6,7 +6,8 @@ score with the final output, in the one per-request field vLLM 0.32 carries from
 `kv_transfer_params` (`RequestOutput.kv_transfer_params` offline, `"kv_transfer_params"` in a non-streaming
 OpenAI response), as {"antidote_harm_score": p}, beside whatever a KV connector puts there. Requests whose
 prompt the probe did not read whole (a fixed request split by chunked prefill or served from the prefix
-cache) have no score, as do antidotes without a probe.
+cache) have no score, as do antidotes without a probe. A request refused outright also carries
+{"antidote_refused": true}.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .patching import wrap_once
 
 OUTPUT_FIELD = "antidote_harm_scores"  # on the runner's output: {request id: p} read in that step
 RESPONSE_KEY = "antidote_harm_score"  # in the finished request's kv_transfer_params
+REFUSED_KEY = "antidote_refused"  # there too, true when the prompt was refused outright (refusals.py)
 
 
 def patch_scheduler() -> None:
@@ -46,6 +48,9 @@ def _returning(free):
         score = self.__dict__.get("_antidote_scores", {}).pop(request.request_id, None)
         if score is not None:
             kv_transfer_params = {**(kv_transfer_params or {}), RESPONSE_KEY: score}
+        if request.request_id in self.__dict__.get("_antidote_refused", ()):
+            self._antidote_refused.discard(request.request_id)
+            kv_transfer_params = {**(kv_transfer_params or {}), REFUSED_KEY: True}
         return kv_transfer_params, ec_transfer_params
 
     return _free_request
