@@ -56,7 +56,7 @@ def test_vllm_request_settings_are_checked_with_one_line_each():
         ({"antidote_alpha": 3}, r"outside the allowed range \[0, 2\]"),
         ({"antidote_mode": "loud"}, "antidote_mode must be one of"),
         ({"antidote_mode": "gated"}, "needs the antidote's harm probe, and this antidote has none"),
-        ({"antidote_mode": "monitor"}, "'monitor' is not applied by the vLLM plugin"),
+        ({"antidote_mode": "monitor"}, "antidote_mode 'monitor' needs the antidote's harm probe"),
         ({"antidote_threshold": 1.5}, r"antidote_threshold is a harm probability in \[0, 1\]"),
         ({"antidote_positions": "middle"}, "antidote_positions must be one of"),
         ({"antidote_threshold": "high"}, "antidote_threshold must be a number"),
@@ -134,8 +134,7 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
     last = HarmProbe(**{**probe.__dict__, "pooling": "last"})
     with pytest.raises(InvalidParameter, match=r"read at the last prompt token .* refit it with `antidote probe`"):
         _config(tuned("gated", last), "last pooling")
-    with pytest.raises(InvalidParameter, match="set JAILBREAK_ANTIDOTE_VLLM_MODE=gated"):
-        _config(tuned("monitor", probe), "monitor")
+    assert _config(tuned("monitor", probe), "monitor").default == Setting(alpha=0.5, mode="monitor", threshold=0.3)
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_MODE", "fixed")
     assert _config(tuned("monitor", probe), "monitor, served fixed").default.mode == "fixed"
     monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
@@ -242,6 +241,66 @@ def test_vllm_runner_writes_each_tokens_strength_and_keeps_the_probes_factor():
     runner._antidote.read_probe()
     assert runner._antidote.probability == {"g": pytest.approx(0.7)}  # keeps the factor its answer had
     assert "f" not in runner._antidote.settings and runner._antidote.take_fresh() == {}
+
+
+def test_vllm_runner_keeps_the_output_monitors_running_score_on_the_device():
+    """The monitor over steps, without vLLM: the prompt starts the request's running score (HarmProbe's
+    running_start), each answer token read folds in (running_step); the token at which p reaches the threshold
+    is steered from the probe's block on, the later ones at every block; a preempted request, computed again,
+    keeps its running score and the position at which the monitor opened, and folds only the newest token."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.runner import NEVER_OPENED, RunnerState, TokenSteering, write_token_scales
+
+    probe = unit_probe(8, layer=1)
+    torch.manual_seed(0)
+    prompt, answer = torch.randn(3, 8), torch.randn(4, 8)
+    answer[1] = probe.mean + probe.std * probe.weight * 3  # a harmful-looking answer token: p jumps
+    start = probe.running_start(prompt[None])
+    p = [torch.sigmoid(probe.scale * probe.tau * start + probe.offset)]
+    running = [start]
+    for token in answer:
+        state, probability = probe.running_step(running[-1], token[None, None])
+        running.append(state)
+        p.append(probability)
+    assert p[0] < p[1] < p[2], p  # shut by its prompt and by answer token 0; opened by answer token 1
+    threshold = float(p[1] + p[2]) / 2
+    steering = TokenSteering({0: torch.ones(8), 1: torch.ones(8)}, 32, 4, torch.float32, torch.device("cpu"), probe)
+    plugin = config(default=0.0, high=2.0, has_probe=True)
+    params = SimpleNamespace(extra_args={"antidote_alpha": 1.5, "antidote_mode": "monitor",
+                                         "antidote_threshold": threshold})  # fmt: skip
+    runner = SimpleNamespace(requests={"m": SimpleNamespace(sampling_params=params, num_prompt_tokens=3)},
+                             _antidote=RunnerState(plugin, steering))  # fmt: skip
+    slot = None
+
+    def step(computed: int, states: torch.Tensor) -> tuple[list[float], list[float]]:
+        """One step of the request: (the early blocks' scale, the later blocks') per token."""
+        nonlocal slot
+        runner.input_batch = SimpleNamespace(num_reqs=1, req_ids=["m"], num_computed_tokens_cpu=np.array([computed]))
+        write_token_scales(runner, np.array([len(states)]), set())
+        slot = runner._antidote.slots["m"]
+        residual = torch.zeros_like(states)
+        steering.probe_hook()(None, None, (states, residual))
+        early = steering.hook(0)(None, None, (states, residual))[0] - states
+        return [round(v, 4) for v in early[:, 0].tolist()], steering.late["scale"].tolist()
+
+    assert step(0, prompt) == ([0, 0, 0], [0, 0, 0])  # the gate stays shut
+    torch.testing.assert_close(steering.running[slot], start[0])
+    assert int(steering.opened_at[slot]) == NEVER_OPENED
+    assert step(3, answer[:1]) == ([0], [0])  # answer token 0 (position 3): below the threshold
+    torch.testing.assert_close(steering.running[slot], running[1][0])
+    assert step(4, answer[1:2]) == ([0], [1.5])  # answer token 1 opens it: steered from the probe's block on
+    assert int(steering.opened_at[slot]) == 4
+    assert step(5, answer[2:3]) == ([1.5], [1.5])  # the next: every block
+    torch.testing.assert_close(steering.running[slot], running[3][0])
+    # preempted, computed again: prompt, answer tokens 0-2 and the newest (3) in one step
+    early, late = step(0, torch.cat([prompt, answer]))
+    assert (early, late) == ([0, 0, 0, 0, 0, 1.5, 1.5], [0, 0, 0, 0, 1.5, 1.5, 1.5])
+    torch.testing.assert_close(steering.running[slot], running[4][0])  # only the newest folded in
+    assert int(steering.opened_at[slot]) == 4
+    runner.input_batch = SimpleNamespace(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(0, np.int64))
+    write_token_scales(runner, np.zeros(0, np.int64), {"m"})  # finished: its slot is free again
+    assert runner._antidote.slots == {} and slot in runner._antidote.free_slots
 
 
 def test_vllm_scheduler_returns_each_finished_requests_harm_score():
@@ -413,6 +472,53 @@ def probed(served, tmp_path_factory):
     del lm
     gc.collect()
     return probed_path, reference
+
+
+@pytest.fixture(scope="module")
+def monitored(served, probed):
+    """The output monitor's answers in the transformers engine at alpha 1.2, {i: (ids, threshold, opened at)}:
+    a prompt that opens the gate at 0.5 is steered from the start (the gated answer; opened at 0); a shut
+    prompt whose running harm score rises clearly over its first answer tokens gets a threshold inside the
+    widest rise, so that the monitor opens at that answer token (opened at its index + 1), decided far beyond
+    the engines' float differences; a shut prompt whose score does not move keeps 0.5 and stays unsteered
+    (opened at None)."""
+    from jailbreak_antidote.models import load_model
+
+    _directory, _path, ids, reference = served
+    probed_path, gated_reference = probed
+    lm, _tokenizer = load_model(bundled.DEFAULT_MODEL, dtype="float32")
+    antidote = Antidote.load(probed_path)
+    probe = antidote.probe
+    answers = {}
+    for i, prompt in enumerate(ids):
+        threshold, opened_at = 0.5, 0
+        if gated_reference[("gated", i)][1] < 0.5:  # shut by its prompt: the answer is unsteered until it opens
+            unsteered = reference[(0.0, "all", i)]
+            with torch.no_grad():
+                states = lm(torch.tensor([prompt + unsteered]), output_hidden_states=True).hidden_states[9][0]
+            running = torch.logcumsumexp(probe.token_scores(states) / probe.tau, 0)
+            p = torch.sigmoid(probe.scale * probe.tau * running + probe.offset)[len(prompt) - 1 :]  # p[j]: j read
+            read = min(20, len(unsteered) - 1)  # answer tokens the monitor reads (each when it is fed back)
+            rises = p[1 : read + 1] - p[:read]  # rises[r]: as answer token r is read
+            opened_at = int(rises.argmax()) + 1 if rises.max() > 2e-3 else None
+            if opened_at is not None:
+                threshold = float(p[opened_at - 1] + p[opened_at]) / 2
+        with antidote.applied(lm, alpha=1.2, mode="monitor", threshold=threshold) as steering, torch.no_grad():
+            mask = torch.ones(1, len(prompt), dtype=torch.long)
+            out = lm.generate(torch.tensor([prompt]), attention_mask=mask, max_new_tokens=TOKENS, do_sample=False,
+                              temperature=None, top_p=None, top_k=None)  # fmt: skip
+        answers[i] = out[0, len(prompt) :].tolist(), threshold, opened_at
+        if opened_at:  # opened mid-answer: the unsteered answer up to the token that opened it, then steered
+            assert bool(steering.triggered[0]), i
+            assert answers[i][0][:opened_at] == reference[(0.0, "all", i)][:opened_at]
+            assert answers[i][0] != reference[(0.0, "all", i)], i
+        else:  # opened by its prompt (the gated answer), or never (the unsteered one)
+            assert not bool(steering.triggered[0]), i
+            assert answers[i][0] == gated_reference[("gated", i)][0], i
+    assert any(opened_at for _ids, _threshold, opened_at in answers.values())  # one opens mid-answer
+    del lm
+    gc.collect()
+    return answers
 
 
 def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True, chunked: bool = True):
@@ -627,6 +733,23 @@ def test_vllm_refuses_outright_where_the_prompts_score_reaches_the_threshold(ser
         assert same_as_reference(token_ids(outputs[i]), gated_reference[("gated", i)][0]), i
     assert same_as_reference(token_ids(outputs[-1]), gated_reference[("gated", risky[0])][0])
     assert reference  # the reference engine ran
+
+
+def test_vllm_output_monitor_matches_the_transformers_engine(served, monitored, whole_prompt_engine):
+    """The monitor in one batch beside a gated and an alpha-0 request: the prompts that open the gate are
+    steered from the start, the others from the answer token at which their running score reaches the
+    threshold; every answer as in transformers, and a request alone answers as in the batch."""
+    _directory, _path, ids, reference = served
+    settings = [{"antidote_alpha": 1.2, "antidote_mode": "monitor", "antidote_threshold": monitored[i][1]}
+                for i in range(len(ids))]  # fmt: skip
+    settings += [{"antidote_alpha": 1.2, "antidote_mode": "gated", "antidote_threshold": 0.5}, {"antidote_alpha": 0}]
+    outputs = generate(whole_prompt_engine, [*ids, ids[0], ids[1]], settings)
+    mismatched = [i for i in range(len(ids)) if not same_as_reference(token_ids(outputs[i]), monitored[i][0])]
+    assert not mismatched, f"monitor answers differ from transformers: {mismatched}"
+    assert same_as_reference(token_ids(outputs[-1]), reference[(0.0, "all", 1)])
+    opened_mid_answer = next(i for i in range(len(ids)) if monitored[i][2])
+    alone = generate(whole_prompt_engine, [ids[opened_mid_answer]], [settings[opened_mid_answer]])
+    assert token_ids(alone[0]) == token_ids(outputs[opened_mid_answer])
 
 
 def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):

@@ -30,10 +30,7 @@ ENV_REFUSE = "JAILBREAK_ANTIDOTE_VLLM_REFUSE"
 
 # Request fields: flat, so that the OpenAI server's `vllm_xargs` (a flat str -> str/number map) carries them.
 FIELDS = ("antidote_alpha", "antidote_mode", "antidote_threshold", "antidote_positions", "antidote_refuse_threshold")
-# Modes the plugin applies. The output monitor (mode "monitor") steers from a generated token on, which the
-# engine's per-step buffers do not carry yet: serve it with `antidote serve`.
-PLUGIN_MODES = ("fixed", "gated", "scaled")
-PROBE_MODES = ("gated", "scaled")  # the strength depends on the harm probe read over the whole prompt
+PROBE_MODES = ("gated", "scaled", "monitor")  # the strength depends on the harm probe read over the whole prompt
 POSITIONS_CODE = {name: code for code, name in enumerate(POSITIONS)}  # the runner's per-request policy array
 
 
@@ -66,7 +63,7 @@ class Setting:
 
     def cache_salt(self) -> str:
         """What keeps prefix-cache blocks computed under this setting from serving another setting."""
-        gate = f":{self.threshold!r}" if self.mode == "gated" else ""
+        gate = f":{self.threshold!r}" if self.mode in ("gated", "monitor") else ""
         return f"antidote:{self.mode}{gate}:{self.alpha!r}:{self.positions}"
 
 
@@ -128,11 +125,6 @@ def refuse_threshold(value: Any, name: str, has_probe: bool) -> float | None:
 def check_mode(mode: str, has_probe: bool, name: str) -> str:
     if mode not in MODES:
         raise InvalidParameter(f"{name} must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode not in PLUGIN_MODES:
-        raise InvalidParameter(
-            f"{name} {mode!r} is not applied by the vLLM plugin (it applies {', '.join(PLUGIN_MODES)}); serve the "
-            "output monitor with `antidote serve`"
-        )
     if mode in PROBE_MODES and not has_probe:
         raise InvalidParameter(
             f"{name} {mode!r} needs the antidote's harm probe, and this antidote has none; add one with "
@@ -169,7 +161,7 @@ def config_from_environment() -> PluginConfig | None:
     plugin then does nothing). Cached per process.
 
     Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
-    the range, or an artifact or default this plugin cannot apply (input-dependent readouts, the monitor mode,
+    the range, or an artifact or default this plugin cannot apply (input-dependent readouts, a probe it cannot read,
     a probe mode or a refuse threshold without a probe)."""
     environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD, ENV_REFUSE)
     return _config(os.environ.get(ENV_ANTIDOTE) or None, *(os.environ.get(name) for name in environment))
@@ -207,11 +199,6 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     tuned_mode, tuned_threshold = antidote.default_mode
     mode = os.environ.get(ENV_MODE) or tuned_mode
     has_probe = antidote.probe is not None
-    if mode == "monitor" and not os.environ.get(ENV_MODE):
-        raise InvalidParameter(
-            f"{path} is tuned for the output monitor (mode monitor), which the vLLM plugin does not apply; set "
-            f"{ENV_MODE}=gated (the same probe and threshold, without the monitor), or serve it with `antidote serve`"
-        )
     check_mode(mode, has_probe, ENV_MODE)
     if refusing and default == 0 and alpha is None:
         raise InvalidParameter(

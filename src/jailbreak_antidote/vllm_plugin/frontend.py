@@ -31,6 +31,22 @@ def probe_modes_refused(vllm_config: Any) -> str | None:
     return None
 
 
+def monitor_refused(vllm_config: Any) -> str | None:
+    """Why this engine cannot apply the output monitor (None: it can): it folds one answer token per request
+    and step into the running score, and speculative decoding checks several."""
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return "is not applied with speculative decoding (several answer tokens per step); start the engine without it"
+    return None
+
+
+def refusal(vllm_config: Any, setting: Setting) -> str | None:
+    """Why this engine cannot apply the setting (None: it can)."""
+    refused = probe_modes_refused(vllm_config) if setting.reads_probe else None
+    if refused is None and setting.waits_for_probe and setting.mode == "monitor":
+        refused = monitor_refused(vllm_config)
+    return refused
+
+
 def probe_readers(setting: Setting, mode_fix: str, refuse_fix: str) -> tuple[str, str]:
     """What in a setting reads the probe over the whole prompt, and how to do without it, for error messages."""
     refuses = setting.refuse_threshold is not None
@@ -63,7 +79,7 @@ def _checked_config(create):
                 "antidote plugin does not patch: the steering would be lost; disable that feature or unset "
                 "JAILBREAK_ANTIDOTE_VLLM"
             )
-        refused = probe_modes_refused(vllm_config) if config is not None and config.default.reads_probe else None
+        refused = refusal(vllm_config, config.default) if config is not None else None
         if refused is not None:
             uses, fixes = probe_readers(config.default, f"{ENV_MODE}=fixed", f"{ENV_REFUSE}=never")
             raise RuntimeError(f"the antidote's default {uses} {refused}; or set {fixes}")
@@ -103,7 +119,7 @@ def _checked_and_salted(process):
         if config is not None and isinstance(params, SamplingParams):
             try:
                 setting = config.setting(params.extra_args)
-                refused = probe_modes_refused(self.vllm_config) if setting.reads_probe else None
+                refused = refusal(self.vllm_config, setting)
                 if refused is not None:
                     uses, fixes = probe_readers(setting, "antidote_mode fixed", 'antidote_refuse_threshold "never"')
                     raise InvalidParameter(f"{uses} {refused}; or send {fixes}")

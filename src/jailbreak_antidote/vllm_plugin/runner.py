@@ -17,6 +17,12 @@ pending alpha (so it is steered only from the probe's block on, as in transforme
 know the factor (read back before the next step) and have base alpha * factor. The probe needs the whole
 prompt in one step: the front end sends probe modes only to engines without chunked prefill, and skips
 prefix-cache reads for them.
+
+The output monitor (mode monitor, as `steer.Gate`): the gated prompt as above, and the probe also reads each
+answer token's state at its block, folding it into the request's running smooth maximum (a per-request slot
+of persistent device buffers: the running log-sum-exp and the position at which the monitor opened). An answer
+token at or after that position is steered from the probe's block on, one after it at every block. Everything
+stays on the device, so a decode step reads nothing back to the host.
 """
 
 from __future__ import annotations
@@ -38,10 +44,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger("jailbreak_antidote.vllm")
 
 
+NEVER_OPENED = 2**62  # the monitor's opening position of a request it has not opened
+
+
 class TokenSteering(nn.Module):
     """The persistent buffers: per-token strengths `base` (every steered block) and `pending` (times the
     probe's factor, from the probe's block on), per-token request index `segment` and `probed` (a prompt token
-    the probe pools), per-request `threshold` and `scaled`, and the sparse vector of each steered layer."""
+    the probe pools), per-request `threshold` and `scaled`, and the sparse vector of each steered layer. For
+    the output monitor: per-token `watch` (the strength of a monitored answer token, once the monitor opens),
+    `position`, `slot` (the request's persistent slot) and `fold` (an answer token read for the first time);
+    per-row `prompt_slot` (the slot whose running state this step's prompt starts); per slot `running` and
+    `opened_at`."""
 
     def __init__(self, vectors: dict[int, torch.Tensor], max_tokens: int, max_requests: int, dtype: torch.dtype,
                  device: torch.device, probe: HarmProbe | None = None):  # fmt: skip
@@ -49,7 +62,11 @@ class TokenSteering(nn.Module):
         slots = max_requests + 1  # the last one collects tokens no request's probe reads (padding, decode)
         for name, size, kind in [("base", max_tokens, torch.float32), ("pending", max_tokens, torch.float32),
                                  ("segment", max_tokens, torch.long), ("probed", max_tokens, torch.bool),
-                                 ("threshold", slots, torch.float32), ("scaled", slots, torch.bool)]:  # fmt: skip
+                                 ("threshold", slots, torch.float32), ("scaled", slots, torch.bool),
+                                 ("watch", max_tokens, torch.float32), ("position", max_tokens, torch.long),
+                                 ("slot", max_tokens, torch.long), ("fold", max_tokens, torch.bool),
+                                 ("prompt_slot", slots, torch.long), ("running", slots, torch.float32),
+                                 ("opened_at", slots, torch.long)]:  # fmt: skip
             self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
         for layer, vector in vectors.items():
             self.register_buffer(f"vector_{layer}", vector.to(device=device, dtype=dtype), persistent=False)
@@ -61,17 +78,31 @@ class TokenSteering(nn.Module):
                                      persistent=False)  # fmt: skip
         # the probe hook's results, read by the later blocks' hooks in the same forward and by the host after it
         self.late: dict[str, torch.Tensor] = {}
-        self._host = {name: torch.zeros_like(getattr(self, name), device="cpu")
-                      for name in ("base", "pending", "segment", "probed", "threshold", "scaled")}  # fmt: skip
+        self._host = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self.WRITTEN}
+        self.dummy = slots - 1
+        for name in ("segment", "slot", "prompt_slot"):  # until written: no request's slot
+            getattr(self, name).fill_(self.dummy)
+
+    # written by the host before each step (the rest are the probe hook's)
+    WRITTEN = ("base", "pending", "segment", "probed", "threshold", "scaled", "watch", "position", "slot", "fold",
+               "prompt_slot")  # fmt: skip
 
     def hook(self, layer: int):
         vector = getattr(self, f"vector_{layer}")
         base, late = self.base, self.late
         after_probe = self.probe is not None and layer >= self.probe.layer
+        monitored = self.probe is not None and not after_probe  # before the probe's block: the monitor's past
 
         def add(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden, residual = output
-            scale = late["scale"] if after_probe else base[: hidden.shape[0]].to(hidden.dtype)
+            if after_probe:
+                scale = late["scale"]
+            elif monitored:  # an answer token after the one at which the monitor opened: every block
+                count = hidden.shape[0]
+                opened = self.position[:count] > self.opened_at[self.slot[:count]]
+                scale = (base[:count] + self.watch[:count] * opened).to(hidden.dtype)
+            else:
+                scale = base[: hidden.shape[0]].to(hidden.dtype)
             return hidden + scale.unsqueeze(-1) * vector, residual
 
         return add
@@ -86,17 +117,32 @@ class TokenSteering(nn.Module):
             hidden, residual = output
             count = hidden.shape[0]
             state = (hidden + residual).float()
-            z = ((state - self.probe_mean) / self.probe_std) @ self.probe_weight + probe.bias
+            token = (((state - self.probe_mean) / self.probe_std) @ self.probe_weight + probe.bias) / probe.tau
             segment = self.segment[:count]
-            z = torch.where(self.probed[:count], z / probe.tau, -torch.inf)
+            z = torch.where(self.probed[:count], token, -torch.inf)
             peak = torch.full((slots,), -torch.inf, device=z.device).scatter_reduce(0, segment, z, "amax")
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
             total = torch.zeros(slots, device=z.device).index_add(0, segment, torch.exp(z - peak[segment]))
             pooled = probe.tau * (peak + torch.log(total))
             probability = torch.where(total > 0, torch.sigmoid(probe.scale * pooled + probe.offset), 0.0)
-            factor = torch.where(self.scaled, probability, (probability >= self.threshold).float())
+            opened = probability >= self.threshold
+            factor = torch.where(self.scaled, probability, opened.float())
+            # The monitor: a prompt read here starts its request's running state (opened from the start when
+            # its gate opened); an answer token read for the first time folds in, and opens the monitor at its
+            # position when the running p reaches the threshold.
+            self.running.index_copy_(0, self.prompt_slot, peak + torch.log(total))
+            self.opened_at.index_copy_(0, self.prompt_slot, torch.where(opened, -1, NEVER_OPENED))
+            slot, fold, position = self.slot[:count], self.fold[:count], self.position[:count]
+            running = torch.logaddexp(self.running[slot], token)
+            p = torch.sigmoid(probe.scale * probe.tau * running + probe.offset)  # as HarmProbe.running_step
+            reaches = fold & (p >= self.threshold[segment])
+            opened_at = torch.where(reaches, torch.minimum(self.opened_at[slot], position), self.opened_at[slot])
+            folded = torch.where(fold, slot, self.dummy)
+            self.running.index_copy_(0, folded, running)
+            self.opened_at.index_copy_(0, folded, opened_at)
+            watched = self.watch[:count] * (position >= opened_at)
             late["probability"] = probability
-            late["scale"] = (self.base[:count] + self.pending[:count] * factor[segment]).to(hidden.dtype)
+            late["scale"] = (self.base[:count] + self.pending[:count] * factor[segment] + watched).to(hidden.dtype)
 
         return read
 
@@ -106,7 +152,7 @@ class TokenSteering(nn.Module):
             host = self._host[name]
             if len(array) > host.shape[0]:
                 raise RuntimeError(f"{len(array)} entries in one step, but the {name} buffer holds {host.shape[0]}")
-            host.fill_(self.threshold.shape[0] - 1 if name == "segment" else 0)
+            host.fill_(self.dummy if name in ("segment", "slot", "prompt_slot") else 0)  # no request's slot
             host[: len(array)] = torch.from_numpy(array)
             getattr(self, name).copy_(host, non_blocking=True)
 
@@ -159,10 +205,23 @@ class RunnerState:
         self.probability: dict[str, float] = {}
         self.last_probed: list[tuple[str, int]] = []
         self.fresh: dict[str, float] = {}
+        # the monitor: each monitored request's slot in the device buffers, and how many of its tokens the
+        # probe has read (a preempted request's tokens, computed again, are not folded in twice)
+        self.slots: dict[str, int] = {}
+        self.free_slots = list(range(steering.dummy))
+        self.read_until: dict[str, int] = {}
+
+    def slot(self, request_id: str) -> int:
+        if request_id not in self.slots:
+            self.slots[request_id] = self.free_slots.pop()
+        return self.slots[request_id]
 
     def factor(self, request_id: str) -> float | None:
-        """The multiplier of the request's alpha (None while its probe score is not known)."""
+        """The multiplier of the request's alpha on answer tokens (None while its probe score is not known; 0
+        for the monitor, whose answer tokens the device opens)."""
         setting = self.settings[request_id]
+        if setting.mode == "monitor":
+            return 0.0
         if setting.mode not in ("gated", "scaled"):
             return 1.0
         probability = self.probability.get(request_id)
@@ -190,6 +249,9 @@ class RunnerState:
         for request_id in finished:
             self.settings.pop(request_id, None)
             self.probability.pop(request_id, None)
+            self.read_until.pop(request_id, None)
+            if request_id in self.slots:
+                self.free_slots.append(self.slots.pop(request_id))
 
 
 def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: set[str]) -> None:
@@ -207,6 +269,10 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
     whole = np.zeros(num_reqs, dtype=bool)  # the probe must read the whole prompt (waits, or may be refused)
     thresholds = np.zeros(num_reqs, dtype=np.float32)
     scaled = np.zeros(num_reqs, dtype=bool)
+    dummy = state.steering.dummy
+    slots = np.full(num_reqs, dummy, dtype=np.int64)  # a monitored request's slot
+    starts = np.full(num_reqs, dummy, dtype=np.int64)  # ... when this step reads its prompt the first time
+    read_until = np.zeros(num_reqs, dtype=np.int64)  # the probe has read its tokens before this position
     prompt_lengths = np.zeros(num_reqs, dtype=np.int64)
     policies = np.zeros(num_reqs, dtype=np.int8)
     for i, request_id in enumerate(request_ids):
@@ -220,6 +286,11 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         waits[i], whole[i] = setting.waits_for_probe, setting.reads_probe
         thresholds[i], scaled[i] = setting.threshold, setting.mode == "scaled"
         policies[i], prompt_lengths[i] = POSITIONS_CODE[setting.positions], request.num_prompt_tokens
+        if setting.mode == "monitor" and setting.steered:
+            slots[i] = state.slot(request_id)
+            read_until[i] = state.read_until.get(request_id, 0)
+            starts[i] = slots[i] if request_id not in state.read_until else dummy
+            state.read_until[request_id] = max(read_until[i], int(computed[i] + counts[i]))
     owner = np.repeat(np.arange(num_reqs), counts)
     position = computed[owner] + np.arange(owner.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
     in_prompt = position < prompt_lengths[owner]
@@ -228,6 +299,7 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         policy == POSITIONS_CODE["all"], True, np.where(policy == POSITIONS_CODE["prompt"], in_prompt, ~in_prompt)
     )
     strength = alphas[owner] * keep
+    monitored = (slots[owner] != dummy) & ~in_prompt
     # The probe pools a prompt read whole in this step: a probe mode's or a refusing request's always is (the
     # front end sends those only to engines without chunked prefill, and skips their prefix-cache reads); a
     # fixed request's prompt read in parts gets no score. A probe mode's prompt tokens wait for this step's
@@ -242,6 +314,11 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         probed=in_prompt & reads[owner],
         threshold=thresholds,
         scaled=scaled,
+        watch=np.where(monitored, strength, 0.0).astype(np.float32),
+        position=position.astype(np.int64),
+        slot=slots[owner],
+        fold=monitored & (position >= read_until[owner]),
+        prompt_slot=starts,
     )
     if state.steering.probe is not None:
         state.last_probed = [(request_ids[i], int(i)) for i in np.flatnonzero(reads)]
