@@ -69,11 +69,12 @@ def test_vllm_request_settings_are_checked_with_one_line_each():
     assert plugin.setting({"antidote_refuse_threshold": "never"}).refuse_threshold is None
     probed = config(default=0.3, has_probe=True)
     gated = probed.setting({"antidote_mode": "gated", "antidote_threshold": 0.2})
-    assert gated == Setting(alpha=0.3, mode="gated", threshold=0.2) and gated.reads_probe and gated.waits_for_probe
-    assert not probed.setting({"antidote_mode": "scaled", "antidote_alpha": 0}).reads_probe  # alpha 0: unsteered
+    assert gated == Setting(alpha=0.3, mode="gated", threshold=0.2)
+    assert gated.reads_whole_prompt and gated.waits_for_probe
+    assert not probed.setting({"antidote_mode": "scaled", "antidote_alpha": 0}).reads_whole_prompt  # alpha 0: unsteered
     # Refusing outright needs the whole prompt's score (also at alpha 0), but the strength does not wait for it.
     refusing = probed.setting({"antidote_refuse_threshold": "0.45", "antidote_alpha": 0})
-    assert refusing.refuse_threshold == 0.45 and refusing.reads_probe and not refusing.waits_for_probe
+    assert refusing.refuse_threshold == 0.45 and refusing.reads_whole_prompt and not refusing.waits_for_probe
     for value, message in [(1.5, r"antidote_refuse_threshold is a harm probability in \[0, 1\]"),
                            ("sometimes", "antidote_refuse_threshold must be a number"),
                            (None, "antidote_refuse_threshold must be a number")]:  # fmt: skip
@@ -301,6 +302,44 @@ def test_vllm_runner_keeps_the_output_monitors_running_score_on_the_device():
     runner.input_batch = SimpleNamespace(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(0, np.int64))
     write_token_scales(runner, np.zeros(0, np.int64), {"m"})  # finished: its slot is free again
     assert runner._antidote.slots == {} and slot in runner._antidote.free_slots
+
+
+def test_vllm_runner_reads_an_input_dependent_strength_at_each_prompts_last_token():
+    """method null_space in the flattened batch, without vLLM: each steered block adds alpha * (h . w) * v,
+    h being that block's output at the request's last prompt token, read in the step that holds that token
+    (for every prompt token of the request) and kept in the request's slot for its answer tokens."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.runner import RunnerState, TokenSteering, write_token_scales
+
+    torch.manual_seed(0)
+    vectors, readouts = {0: torch.randn(8), 1: torch.randn(8)}, {0: torch.randn(8), 1: torch.randn(8)}
+    steering = TokenSteering(vectors, 16, 4, torch.float32, torch.device("cpu"), None, readouts)
+    plugin = PluginConfig(Path("x"), Setting(0.0, input_dependent=True), 0, 2, input_dependent=True)
+    requests = {name: SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"antidote_alpha": alpha}),
+                                      num_prompt_tokens=length)
+                for name, alpha, length in [("a", 1.5, 3), ("b", 0.5, 2), ("z", 0.0, 2)]}  # fmt: skip
+    runner = SimpleNamespace(requests=requests, _antidote=RunnerState(plugin, steering))
+
+    def step(computed: list[int], counts: list[int], hidden: torch.Tensor, residual: torch.Tensor) -> list:
+        runner.input_batch = SimpleNamespace(num_reqs=3, req_ids=["a", "b", "z"],
+                                             num_computed_tokens_cpu=np.array(computed))  # fmt: skip
+        write_token_scales(runner, np.array(counts), set())
+        return [steering.hook(layer)(None, None, (hidden, residual))[0] - hidden for layer in (0, 1)]
+
+    hidden, residual = torch.randn(7, 8), torch.randn(7, 8)  # a: tokens 0-2, b: 3-4, z: 5-6
+    added = step([0, 0, 0], [3, 2, 2], hidden, residual)
+    state = hidden + residual
+    for layer in (0, 1):
+        read_a, read_b = float(state[2] @ readouts[layer]), float(state[4] @ readouts[layer])
+        expected = torch.tensor([1.5 * read_a] * 3 + [0.5 * read_b] * 2 + [0.0] * 2)
+        torch.testing.assert_close(added[layer], expected.unsqueeze(-1) * vectors[layer])
+    decode_hidden, decode_residual = torch.randn(3, 8), torch.randn(3, 8)
+    added = step([3, 2, 2], [1, 1, 1], decode_hidden, decode_residual)  # answer tokens: the values read before
+    for layer in (0, 1):
+        read_a, read_b = float(state[2] @ readouts[layer]), float(state[4] @ readouts[layer])
+        expected = torch.tensor([1.5 * read_a, 0.5 * read_b, 0.0])
+        torch.testing.assert_close(added[layer], expected.unsqueeze(-1) * vectors[layer])
 
 
 def test_vllm_scheduler_returns_each_finished_requests_harm_score():
@@ -750,6 +789,50 @@ def test_vllm_output_monitor_matches_the_transformers_engine(served, monitored, 
     opened_mid_answer = next(i for i in range(len(ids)) if monitored[i][2])
     alone = generate(whole_prompt_engine, [ids[opened_mid_answer]], [settings[opened_mid_answer]])
     assert token_ids(alone[0]) == token_ids(outputs[opened_mid_answer])
+
+
+def test_vllm_input_dependent_antidote_matches_the_transformers_engine(served, tmp_path, monkeypatch):
+    """An input-dependent (null_space-shaped) antidote: readouts set by hand so that h . w is about 2 at the
+    prompts' last tokens and differs between them; each request's answer, under positions all and prompt and
+    at alpha 0, equals the transformers engine's, in one mixed batch."""
+    from jailbreak_antidote.models import load_model
+
+    directory, path, ids, reference = served
+    lm, _tokenizer = load_model(bundled.DEFAULT_MODEL, dtype="float32")
+    antidote = Antidote.load(path)
+    with torch.no_grad():
+        outputs = [lm(torch.tensor([p]), output_hidden_states=True).hidden_states for p in ids]
+    readouts = []
+    for layer in antidote.layers:  # block `layer`'s output is hidden_states[layer + 1]
+        mean = torch.stack([states[layer + 1][0, -1] for states in outputs]).mean(0)
+        readouts.append(2 * mean / mean.square().sum())
+    dependent = Antidote(**{**antidote.__dict__, "readouts": torch.stack(readouts), "method": "null_space"})
+    dependent_path = dependent.save(tmp_path / "dependent.antidote")
+    keys = [(positions, i) for positions in ("all", "prompt") for i in range(len(ids))] + [("zero", 0)]
+    expected = {}
+    for positions, i in keys:
+        alpha = 0.0 if positions == "zero" else 1.2
+        with dependent.applied(lm, alpha=alpha, positions="all" if positions == "zero" else positions) as steering:
+            with torch.no_grad():
+                mask = torch.ones(1, len(ids[i]), dtype=torch.long)
+                out = lm.generate(torch.tensor([ids[i]]), attention_mask=mask, max_new_tokens=TOKENS,
+                                  do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
+            reads = [float(steering.readout_scores[layer][0]) for layer in dependent.layers]
+        expected[(positions, i)] = out[0, len(ids[i]) :].tolist()
+        if positions == "all":
+            assert min(reads) > 0.5 and max(reads) < 5, reads  # a strength near 2 alpha, read per prompt
+    assert any(expected[("all", i)] != reference[(1.2, "all", i)] for i in range(len(ids)))  # the readout acts
+    del lm
+    gc.collect()
+    llm = start_engine(directory, dependent_path, monkeypatch, chunked=False)
+    try:
+        settings = [{"antidote_alpha": 0 if p == "zero" else 1.2, "antidote_positions": "all" if p == "zero" else p}
+                    for p, _i in keys]  # fmt: skip
+        answers = generate(llm, [ids[i] for _p, i in keys], settings)
+        mismatched = [key for key, out in zip(keys, answers) if not same_as_reference(token_ids(out), expected[key])]
+        assert not mismatched, f"differ from transformers: {mismatched}"
+    finally:
+        stop_engine(llm)
 
 
 def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):

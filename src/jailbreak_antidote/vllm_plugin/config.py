@@ -38,13 +38,15 @@ POSITIONS_CODE = {name: code for code, name in enumerate(POSITIONS)}  # the runn
 class Setting:
     """One request's steering: strength alpha (0 = the unmodified model, bit for bit), positions policy, and
     mode (fixed; gated or scaled by the harm probe at `threshold`, as `steer.Gate`); and the harm probability
-    from which its prompt is refused outright (None: never), as `generate_answers(refuse_threshold=)`."""
+    from which its prompt is refused outright (None: never), as `generate_answers(refuse_threshold=)`.
+    `input_dependent`: the served antidote's strength is read per prompt (method null_space)."""
 
     alpha: float
     positions: str = "all"
     mode: str = "fixed"
     threshold: float = 0.5
     refuse_threshold: float | None = None
+    input_dependent: bool = False
 
     @property
     def steered(self) -> bool:
@@ -56,10 +58,11 @@ class Setting:
         return self.steered and self.mode in PROBE_MODES
 
     @property
-    def reads_probe(self) -> bool:
-        """Whether the request needs the probe's score of its whole prompt (its strength waits for it, or it
-        may be refused outright): the prompt must be read whole, in one engine step."""
-        return self.waits_for_probe or self.refuse_threshold is not None
+    def reads_whole_prompt(self) -> bool:
+        """Whether the request needs its whole prompt read in one engine step: the probe's score (its strength
+        waits for it, or it may be refused outright), or an input-dependent strength (read at the prompt's
+        last token, applied to every prompt token)."""
+        return self.waits_for_probe or self.refuse_threshold is not None or (self.input_dependent and self.steered)
 
     def cache_salt(self) -> str:
         """What keeps prefix-cache blocks computed under this setting from serving another setting."""
@@ -76,6 +79,7 @@ class PluginConfig:
     alpha_min: float
     alpha_max: float
     has_probe: bool = False
+    input_dependent: bool = False
 
     def setting(self, extra_args: dict[str, Any] | None) -> Setting:
         """The setting of a request with these extra_args; absent fields take the defaults.
@@ -106,7 +110,7 @@ class PluginConfig:
         refuse = self.default.refuse_threshold
         if "antidote_refuse_threshold" in given:
             refuse = refuse_threshold(given["antidote_refuse_threshold"], "antidote_refuse_threshold", self.has_probe)
-        return Setting(alpha=alpha, positions=positions, mode=mode, threshold=threshold, refuse_threshold=refuse)
+        return Setting(alpha, positions, mode, threshold, refuse, input_dependent=self.input_dependent)
 
 
 def refuse_threshold(value: Any, name: str, has_probe: bool) -> float | None:
@@ -161,7 +165,7 @@ def config_from_environment() -> PluginConfig | None:
     plugin then does nothing). Cached per process.
 
     Raises ArtifactError for a missing or unreadable file, InvalidParameter for bad numbers, a default outside
-    the range, or an artifact or default this plugin cannot apply (input-dependent readouts, a probe it cannot read,
+    the range, or an artifact or default this plugin cannot apply (a probe it cannot read,
     a probe mode or a refuse threshold without a probe)."""
     environment = (ENV_ALPHA, ENV_ALPHA_MIN, ENV_ALPHA_MAX, ENV_POSITIONS, ENV_MODE, ENV_THRESHOLD, ENV_REFUSE)
     return _config(os.environ.get(ENV_ANTIDOTE) or None, *(os.environ.get(name) for name in environment))
@@ -183,11 +187,6 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     refusing = antidote.default_refuse_threshold is not None and refuse is None
     if refusing:
         antidote = antidote.without_refusals()
-    if antidote.readout_vectors() is not None:
-        raise InvalidParameter(
-            f"{path} is an input-dependent antidote (method {antidote.method}); the vLLM plugin applies fixed "
-            "directions only so far: serve it with `antidote serve`, or fit --method pca / mean_diff / jailbreak_diff"
-        )
     if antidote.probe is not None and antidote.probe.pooling != "max":
         raise InvalidParameter(
             f"{path} has a harm probe read at the last prompt token (pooling {antidote.probe.pooling!r}, written by an "
@@ -211,5 +210,6 @@ def _config(path: str | None, *_environment: str | None) -> PluginConfig | None:
     positions = os.environ.get(ENV_POSITIONS) or antidote.default_positions
     if positions not in POSITIONS:
         raise InvalidParameter(f"{ENV_POSITIONS} must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    default_setting = Setting(default, positions, mode, threshold, refuse_threshold=refuse)
-    return PluginConfig(Path(path), default_setting, low, high, has_probe=has_probe)
+    input_dependent = antidote.readout_vectors() is not None
+    default_setting = Setting(default, positions, mode, threshold, refuse, input_dependent=input_dependent)
+    return PluginConfig(Path(path), default_setting, low, high, has_probe=has_probe, input_dependent=input_dependent)

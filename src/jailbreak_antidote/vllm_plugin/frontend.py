@@ -3,10 +3,10 @@ checked before it reaches the engine (a bad one is vLLM's validation error: HTTP
 format, vllm.exceptions.VLLMValidationError offline), and a steered request's prefix-cache blocks are salted
 with its setting, so that a prompt prefix computed at one setting is never reused at another. Unsteered
 requests (alpha 0) keep no salt of ours: their blocks are the plain model's, shared with every other
-unsteered request. A client's own salt is kept in its own namespace. Gated and scaled requests, and requests
-that may be refused outright, read the harm probe over the whole prompt in one engine step: they are refused
-(one line: the fix) by an engine that splits prompts (chunked prefill) or pipelines layers across ranks, and
-read no prefix-cache blocks."""
+unsteered request. A client's own salt is kept in its own namespace. Gated, scaled and monitor requests,
+requests that may be refused outright and steered requests of an input-dependent antidote read the whole
+prompt in one engine step: they are refused (one line: the fix) by an engine that splits prompts (chunked
+prefill) or pipelines layers across ranks, and read no prefix-cache blocks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import functools
 from typing import Any
 
 from ..errors import InvalidParameter
-from .config import ENV_MODE, ENV_REFUSE, Setting, config_from_environment
+from .config import ENV_ALPHA, ENV_MODE, ENV_REFUSE, Setting, config_from_environment
 from .patching import wrap_once
 
 
@@ -41,18 +41,21 @@ def monitor_refused(vllm_config: Any) -> str | None:
 
 def refusal(vllm_config: Any, setting: Setting) -> str | None:
     """Why this engine cannot apply the setting (None: it can)."""
-    refused = probe_modes_refused(vllm_config) if setting.reads_probe else None
+    refused = probe_modes_refused(vllm_config) if setting.reads_whole_prompt else None
     if refused is None and setting.waits_for_probe and setting.mode == "monitor":
         refused = monitor_refused(vllm_config)
     return refused
 
 
-def probe_readers(setting: Setting, mode_fix: str, refuse_fix: str) -> tuple[str, str]:
-    """What in a setting reads the probe over the whole prompt, and how to do without it, for error messages."""
+def probe_readers(setting: Setting, mode_fix: str, refuse_fix: str, alpha_fix: str) -> tuple[str, str]:
+    """What in a setting reads the whole prompt, and how to do without it, for error messages."""
     refuses = setting.refuse_threshold is not None
+    reads = setting.input_dependent and setting.steered
     uses = [f"mode {setting.mode!r}"] * setting.waits_for_probe
     uses += [f"outright refusal (from harm probability {setting.refuse_threshold:g})"] * refuses
-    return " and ".join(uses), " and ".join([mode_fix] * setting.waits_for_probe + [refuse_fix] * refuses)
+    uses += ["input-dependent steering (method null_space)"] * reads
+    fixes = [mode_fix] * setting.waits_for_probe + [refuse_fix] * refuses + [alpha_fix] * reads
+    return " and ".join(uses), " and ".join(fixes)
 
 
 def patch_engine_config() -> None:
@@ -81,7 +84,7 @@ def _checked_config(create):
             )
         refused = refusal(vllm_config, config.default) if config is not None else None
         if refused is not None:
-            uses, fixes = probe_readers(config.default, f"{ENV_MODE}=fixed", f"{ENV_REFUSE}=never")
+            uses, fixes = probe_readers(config.default, f"{ENV_MODE}=fixed", f"{ENV_REFUSE}=never", f"{ENV_ALPHA}=0")
             raise RuntimeError(f"the antidote's default {uses} {refused}; or set {fixes}")
         if config is not None:
             from ..antidote import Antidote
@@ -121,11 +124,13 @@ def _checked_and_salted(process):
                 setting = config.setting(params.extra_args)
                 refused = refusal(self.vllm_config, setting)
                 if refused is not None:
-                    uses, fixes = probe_readers(setting, "antidote_mode fixed", 'antidote_refuse_threshold "never"')
+                    uses, fixes = probe_readers(
+                        setting, "antidote_mode fixed", 'antidote_refuse_threshold "never"', "antidote_alpha 0"
+                    )
                     raise InvalidParameter(f"{uses} {refused}; or send {fixes}")
             except InvalidParameter as error:
                 raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
-        if setting is not None and ((setting.steered and setting.positions != "all") or setting.reads_probe):
+        if setting is not None and ((setting.steered and setting.positions != "all") or setting.reads_whole_prompt):
             # vLLM also caches blocks of generated tokens, which a later prompt (the next chat turn) may share;
             # under "prompt" or "generated" the same token is steered in one role and not in the other. A probe
             # mode's prompt blocks depend on the whole prompt's score, and the probe must read every token.

@@ -23,6 +23,10 @@ answer token's state at its block, folding it into the request's running smooth 
 of persistent device buffers: the running log-sum-exp and the position at which the monitor opened). An answer
 token at or after that position is steered from the probe's block on, one after it at every block. Everything
 stays on the device, so a decode step reads nothing back to the host.
+
+Input-dependent antidotes (method null_space, as `steer.Steering` with readouts): each steered block reads
+h . w_l from its output at the request's last prompt token, in the step that holds that token, into the
+request's slot; every token of the request is steered `scale * (h . w_l) * v_l` at that block.
 """
 
 from __future__ import annotations
@@ -54,10 +58,13 @@ class TokenSteering(nn.Module):
     the output monitor: per-token `watch` (the strength of a monitored answer token, once the monitor opens),
     `position`, `slot` (the request's persistent slot) and `fold` (an answer token read for the first time);
     per-row `prompt_slot` (the slot whose running state this step's prompt starts); per slot `running` and
-    `opened_at`."""
+    `opened_at`. For an input-dependent antidote (readouts): per row `last_token` (where its prompt's last
+    token sits in this step) and `readout_slot` (its slot, when that token is in this step); per steered layer
+    and slot `read_{layer}`, h . w at the prompt's last token."""
 
     def __init__(self, vectors: dict[int, torch.Tensor], max_tokens: int, max_requests: int, dtype: torch.dtype,
-                 device: torch.device, probe: HarmProbe | None = None):  # fmt: skip
+                 device: torch.device, probe: HarmProbe | None = None,
+                 readouts: dict[int, torch.Tensor] | None = None):  # fmt: skip
         super().__init__()
         slots = max_requests + 1  # the last one collects tokens no request's probe reads (padding, decode)
         for name, size, kind in [("base", max_tokens, torch.float32), ("pending", max_tokens, torch.float32),
@@ -66,11 +73,16 @@ class TokenSteering(nn.Module):
                                  ("watch", max_tokens, torch.float32), ("position", max_tokens, torch.long),
                                  ("slot", max_tokens, torch.long), ("fold", max_tokens, torch.bool),
                                  ("prompt_slot", slots, torch.long), ("running", slots, torch.float32),
-                                 ("opened_at", slots, torch.long)]:  # fmt: skip
+                                 ("opened_at", slots, torch.long), ("last_token", slots, torch.long),
+                                 ("readout_slot", slots, torch.long)]:  # fmt: skip
             self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
         for layer, vector in vectors.items():
             self.register_buffer(f"vector_{layer}", vector.to(device=device, dtype=dtype), persistent=False)
         self.layers = sorted(vectors)
+        self.input_dependent = bool(readouts)
+        for layer, readout in (readouts or {}).items():
+            self.register_buffer(f"readout_{layer}", readout.to(device=device, dtype=torch.float32), persistent=False)
+            self.register_buffer(f"read_{layer}", torch.zeros(slots, device=device), persistent=False)
         self.probe = probe
         if probe is not None:
             for name in ("weight", "mean", "std"):
@@ -80,29 +92,36 @@ class TokenSteering(nn.Module):
         self.late: dict[str, torch.Tensor] = {}
         self._host = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self.WRITTEN}
         self.dummy = slots - 1
-        for name in ("segment", "slot", "prompt_slot"):  # until written: no request's slot
+        for name in self.SLOTS:  # until written: no request's slot
             getattr(self, name).fill_(self.dummy)
 
-    # written by the host before each step (the rest are the probe hook's)
+    # written by the host before each step (the rest are the hooks')
     WRITTEN = ("base", "pending", "segment", "probed", "threshold", "scaled", "watch", "position", "slot", "fold",
-               "prompt_slot")  # fmt: skip
+               "prompt_slot", "last_token", "readout_slot")  # fmt: skip
+    SLOTS = ("segment", "slot", "prompt_slot", "readout_slot")  # indices whose padding is the dummy slot
 
     def hook(self, layer: int):
         vector = getattr(self, f"vector_{layer}")
         base, late = self.base, self.late
         after_probe = self.probe is not None and layer >= self.probe.layer
         monitored = self.probe is not None and not after_probe  # before the probe's block: the monitor's past
+        readout = getattr(self, f"readout_{layer}", None)
+        read = getattr(self, f"read_{layer}", None)
 
         def add(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden, residual = output
+            count = hidden.shape[0]
             if after_probe:
                 scale = late["scale"]
             elif monitored:  # an answer token after the one at which the monitor opened: every block
-                count = hidden.shape[0]
                 opened = self.position[:count] > self.opened_at[self.slot[:count]]
                 scale = (base[:count] + self.watch[:count] * opened).to(hidden.dtype)
             else:
-                scale = base[: hidden.shape[0]].to(hidden.dtype)
+                scale = base[:count].to(hidden.dtype)
+            if readout is not None:  # input-dependent: times h . w at the prompt's last token, read at this block
+                read.index_copy_(0, self.readout_slot, (hidden + residual)[self.last_token].float() @ readout)
+                slot = self.slot[:count]
+                scale = scale * torch.where(slot == self.dummy, 0.0, read[slot]).to(hidden.dtype)
             return hidden + scale.unsqueeze(-1) * vector, residual
 
         return add
@@ -152,7 +171,7 @@ class TokenSteering(nn.Module):
             host = self._host[name]
             if len(array) > host.shape[0]:
                 raise RuntimeError(f"{len(array)} entries in one step, but the {name} buffer holds {host.shape[0]}")
-            host.fill_(self.dummy if name in ("segment", "slot", "prompt_slot") else 0)  # no request's slot
+            host.fill_(self.dummy if name in self.SLOTS else 0)  # padding: no request's slot
             host[: len(array)] = torch.from_numpy(array)
             getattr(self, name).copy_(host, non_blocking=True)
 
@@ -179,11 +198,13 @@ def attach(runner: Any, config: PluginConfig) -> None:
     start = getattr(getattr(model, "model", model), "start_layer", 0)
     end = getattr(getattr(model, "model", model), "end_layer", len(layers))
     vectors = {layer: v for layer, v in antidote.vectors().items() if start <= layer < end}  # pipeline stage
+    readouts = {layer: w for layer, w in (antidote.readout_vectors() or {}).items() if layer in vectors}
     max_tokens = int(runner.max_num_tokens) + int(getattr(runner, "max_num_reqs", 0)) + 512  # room for padding
     max_requests = int(getattr(runner, "max_num_reqs", 0)) or max_tokens
     probe = antidote.probe if antidote.probe is not None and start <= antidote.probe.layer < end else None
     # the activations' dtype and device (a quantised or offloaded first parameter would mislead)
-    steering = TokenSteering(vectors, max_tokens, max_requests, runner.model_config.dtype, runner.device, probe)
+    steering = TokenSteering(vectors, max_tokens, max_requests, runner.model_config.dtype, runner.device, probe,
+                             readouts)  # fmt: skip
     model.add_module("antidote_steering", steering)
     runner._antidote = RunnerState(config, steering)
     if probe is not None:  # registered first: it reads the block's output before that block is steered
@@ -266,11 +287,12 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
     alphas = np.zeros(num_reqs, dtype=np.float32)
     known = np.zeros(num_reqs, dtype=np.float32)  # the factor (0 while a probe mode's score is not known)
     waits = np.zeros(num_reqs, dtype=bool)  # the strength waits for the probe's score (gated, scaled)
-    whole = np.zeros(num_reqs, dtype=bool)  # the probe must read the whole prompt (waits, or may be refused)
+    whole = np.zeros(num_reqs, dtype=bool)  # the prompt must be read whole (probe modes, refusals, readouts)
     thresholds = np.zeros(num_reqs, dtype=np.float32)
     scaled = np.zeros(num_reqs, dtype=bool)
     dummy = state.steering.dummy
-    slots = np.full(num_reqs, dummy, dtype=np.int64)  # a monitored request's slot
+    slots = np.full(num_reqs, dummy, dtype=np.int64)  # a monitored or input-dependent request's slot
+    monitor = np.zeros(num_reqs, dtype=bool)
     starts = np.full(num_reqs, dummy, dtype=np.int64)  # ... when this step reads its prompt the first time
     read_until = np.zeros(num_reqs, dtype=np.int64)  # the probe has read its tokens before this position
     prompt_lengths = np.zeros(num_reqs, dtype=np.int64)
@@ -283,11 +305,13 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
             setting = state.settings[request_id] = state.config.setting(params.extra_args if params else None)
         factor = state.factor(request_id)
         alphas[i], known[i] = setting.alpha, 0.0 if factor is None else factor
-        waits[i], whole[i] = setting.waits_for_probe, setting.reads_probe
+        waits[i], whole[i] = setting.waits_for_probe, setting.reads_whole_prompt
         thresholds[i], scaled[i] = setting.threshold, setting.mode == "scaled"
         policies[i], prompt_lengths[i] = POSITIONS_CODE[setting.positions], request.num_prompt_tokens
-        if setting.mode == "monitor" and setting.steered:
+        if setting.steered and (setting.mode == "monitor" or state.steering.input_dependent):
             slots[i] = state.slot(request_id)
+        if setting.mode == "monitor" and setting.steered:
+            monitor[i] = True
             read_until[i] = state.read_until.get(request_id, 0)
             starts[i] = slots[i] if request_id not in state.read_until else dummy
             state.read_until[request_id] = max(read_until[i], int(computed[i] + counts[i]))
@@ -299,7 +323,12 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         policy == POSITIONS_CODE["all"], True, np.where(policy == POSITIONS_CODE["prompt"], in_prompt, ~in_prompt)
     )
     strength = alphas[owner] * keep
-    monitored = (slots[owner] != dummy) & ~in_prompt
+    monitored = monitor[owner] & ~in_prompt
+    # input-dependent: the rows whose prompt's last token is in this step read h . w there, at every block
+    first = np.cumsum(counts) - counts  # each row's first token in the flattened step
+    last_in_step = (computed < prompt_lengths) & (computed + counts >= prompt_lengths)
+    last_token = np.where(last_in_step, first + prompt_lengths - 1 - computed, 0)
+    readout_slots = np.where(last_in_step, slots, dummy)
     # The probe pools a prompt read whole in this step: a probe mode's or a refusing request's always is (the
     # front end sends those only to engines without chunked prefill, and skips their prefix-cache reads); a
     # fixed request's prompt read in parts gets no score. A probe mode's prompt tokens wait for this step's
@@ -319,6 +348,8 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         slot=slots[owner],
         fold=monitored & (position >= read_until[owner]),
         prompt_slot=starts,
+        last_token=last_token.astype(np.int64),
+        readout_slot=readout_slots,
     )
     if state.steering.probe is not None:
         state.last_probed = [(request_ids[i], int(i)) for i in np.flatnonzero(reads)]
