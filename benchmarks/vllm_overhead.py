@@ -8,8 +8,9 @@ tokens/s of each side and the median of the per-round ratios.
 
     python benchmarks/vllm_overhead.py ANTIDOTE [--model DIR] [--batch-sizes 1 8] [--tokens 64] [--rounds 6]
         [--alpha A] [--compile]     # --compile: torch.compile (and CUDA graphs on a GPU); default eager
-        [--mode gated --threshold 0]  # the probe-read modes (ANTIDOTE with a probe): both engines then run
-                                      # without chunked prefill, as those modes need; threshold 0 steers all
+        [--mode gated --threshold 0]  # the probe-read modes, gated, scaled or monitor (ANTIDOTE with a probe):
+                                      # both engines then run without chunked prefill, as those modes need;
+                                      # threshold 0 steers all
 
 Run in the vLLM environment (scripts/test-vllm.sh makes one); on CPU set VLLM_CPU_KVCACHE_SPACE (GiB).
 """
@@ -64,8 +65,10 @@ def main() -> int:
     parser.add_argument("--memory-utilization", type=float, default=None,
                         help="vLLM's gpu_memory_utilization (on the CPU build: the share of RAM it expects free at "
                         "start; lower it when other jobs run) [default: vLLM's]")  # fmt: skip
-    parser.add_argument("--mode", choices=["fixed", "gated", "scaled"], default="fixed")
-    parser.add_argument("--threshold", type=float, default=0.0, help="gated: 0 steers every request (the full cost)")
+    parser.add_argument("--mode", choices=["fixed", "gated", "scaled", "monitor"], default="fixed")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="gated, monitor: 0 steers every request (the full cost; the monitor still reads every "
+                        "answer token)")  # fmt: skip
     args = parser.parse_args()
     if not Path(args.antidote).is_file():
         print(f"error: {args.antidote} is not a file (fit one with `antidote fit --out FILE`)", file=sys.stderr)

@@ -75,9 +75,8 @@ def test_vllm_request_settings_are_checked_with_one_line_each():
     # Refusing outright needs the whole prompt's score (also at alpha 0), but the strength does not wait for it.
     refusing = probed.setting({"antidote_refuse_threshold": "0.45", "antidote_alpha": 0})
     assert refusing.refuse_threshold == 0.45 and refusing.reads_whole_prompt and not refusing.waits_for_probe
-    for value, message in [(1.5, r"antidote_refuse_threshold is a harm probability in \[0, 1\]"),
-                           ("sometimes", "antidote_refuse_threshold must be a number"),
-                           (None, "antidote_refuse_threshold must be a number")]:  # fmt: skip
+    for value in (1.5, "sometimes", None):
+        message = r'antidote_refuse_threshold must be a harm probability in \[0, 1\] or "never"'
         with pytest.raises(InvalidParameter, match=message):
             probed.setting({"antidote_refuse_threshold": value})
     refusing_default = PluginConfig(Path("x"), Setting(alpha=0.3, refuse_threshold=0.6), 0, 2, has_probe=True)
@@ -147,7 +146,7 @@ def test_vllm_plugin_configuration_refuses_what_it_cannot_serve(tmp_path, qwen2_
     refusing = str(antidote.save(tmp_path / "r.antidote"))
     assert _config(refusing, "refusing").default == Setting(0.5, mode="gated", threshold=0.3, refuse_threshold=0.7)
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "sometimes")
-    with pytest.raises(InvalidParameter, match="JAILBREAK_ANTIDOTE_VLLM_REFUSE must be a number"):
+    with pytest.raises(InvalidParameter, match=r'JAILBREAK_ANTIDOTE_VLLM_REFUSE must be a harm probability .* "never"'):
         _config(refusing, "refusing", "sometimes")
     monkeypatch.setenv("JAILBREAK_ANTIDOTE_VLLM_REFUSE", "0.9")
     assert _config(refusing, "refusing", "0.9").default.refuse_threshold == 0.9
@@ -222,7 +221,8 @@ def test_vllm_runner_writes_each_tokens_strength_and_keeps_the_probes_factor():
 
     def step(ids: list[str], computed: list[int], counts: list[int], finished: tuple[str, ...] = ()) -> dict:
         runner.input_batch = SimpleNamespace(num_reqs=len(ids), req_ids=ids, num_computed_tokens_cpu=np.array(computed))
-        write_token_scales(runner, np.array(counts), set(finished))
+        runner._antidote.forget(set(finished))  # as the runner's _update_states wrapper does
+        write_token_scales(runner, np.array(counts))
         n = sum(counts)
         return {name: getattr(steering, name)[:n].tolist() for name in ("base", "pending", "probed")}
 
@@ -278,7 +278,7 @@ def test_vllm_runner_keeps_the_output_monitors_running_score_on_the_device():
         """One step of the request: (the early blocks' scale, the later blocks') per token."""
         nonlocal slot
         runner.input_batch = SimpleNamespace(num_reqs=1, req_ids=["m"], num_computed_tokens_cpu=np.array([computed]))
-        write_token_scales(runner, np.array([len(states)]), set())
+        write_token_scales(runner, np.array([len(states)]))
         slot = runner._antidote.slots["m"]
         residual = torch.zeros_like(states)
         steering.probe_hook()(None, None, (states, residual))
@@ -299,8 +299,7 @@ def test_vllm_runner_keeps_the_output_monitors_running_score_on_the_device():
     assert (early, late) == ([0, 0, 0, 0, 0, 1.5, 1.5], [0, 0, 0, 0, 1.5, 1.5, 1.5])
     torch.testing.assert_close(steering.running[slot], running[4][0])  # only the newest folded in
     assert int(steering.opened_at[slot]) == 4
-    runner.input_batch = SimpleNamespace(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(0, np.int64))
-    write_token_scales(runner, np.zeros(0, np.int64), {"m"})  # finished: its slot is free again
+    runner._antidote.forget({"m"})  # finished: its slot is free again
     assert runner._antidote.slots == {} and slot in runner._antidote.free_slots
 
 
@@ -324,7 +323,7 @@ def test_vllm_runner_reads_an_input_dependent_strength_at_each_prompts_last_toke
     def step(computed: list[int], counts: list[int], hidden: torch.Tensor, residual: torch.Tensor) -> list:
         runner.input_batch = SimpleNamespace(num_reqs=3, req_ids=["a", "b", "z"],
                                              num_computed_tokens_cpu=np.array(computed))  # fmt: skip
-        write_token_scales(runner, np.array(counts), set())
+        write_token_scales(runner, np.array(counts))
         return [steering.hook(layer)(None, None, (hidden, residual))[0] - hidden for layer in (0, 1)]
 
     hidden, residual = torch.randn(7, 8), torch.randn(7, 8)  # a: tokens 0-2, b: 3-4, z: 5-6
@@ -340,6 +339,71 @@ def test_vllm_runner_reads_an_input_dependent_strength_at_each_prompts_last_toke
         read_a, read_b = float(state[2] @ readouts[layer]), float(state[4] @ readouts[layer])
         expected = torch.tensor([1.5 * read_a, 0.5 * read_b, 0.0])
         torch.testing.assert_close(added[layer], expected.unsqueeze(-1) * vectors[layer])
+
+
+def test_vllm_runner_frees_finished_requests_and_clears_before_a_dummy_run():
+    """Finished requests are forgotten in _update_states, which runs also in steps that schedule nothing (then
+    _prepare_inputs does not); a dummy forward first clears the step buffers, so it neither steers nor writes
+    into a live request's slot; slots ended unseen are reclaimed, and running out says so in one line."""
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin import runner as plugin_runner
+
+    cpu = torch.device("cpu")
+    steering = plugin_runner.TokenSteering({0: torch.ones(4)}, 8, 1, torch.float32, cpu, unit_probe(4, 0))
+    state = plugin_runner.RunnerState(config(has_probe=True), steering)
+    state.settings["m"], state.read_until["m"] = Setting(1.0, mode="monitor"), 4
+    slot = state.slot("m", live={"m"})
+
+    class Runner:
+        _antidote = state
+
+        def _update_states(self, scheduler_output: object) -> str:
+            return "updated"
+
+        def _dummy_run(self, num_tokens: int) -> list:
+            return steering.base[:num_tokens].tolist() + steering.slot[:num_tokens].tolist()
+
+    Runner._update_states = plugin_runner._forgetting_finished(Runner._update_states)
+    Runner._dummy_run = plugin_runner._cleared_first(Runner._dummy_run)
+    steering.write(base=np.ones(3, np.float32), slot=np.full(3, slot))  # the last real step's writes
+    assert Runner()._dummy_run(3) == [0, 0, 0] + [steering.dummy] * 3
+    assert Runner()._update_states(SimpleNamespace(finished_req_ids={"m"})) == "updated"
+    assert state.slots == {} and state.settings == {} and state.read_until == {}
+    taken = [state.slot(f"r{i}", live={"r0"}) for i in range(len(state.free_slots))]
+    assert len(set(taken)) == len(taken) and steering.dummy not in taken
+    assert state.slot("new", live={"r0", "new"}) in taken  # reclaimed from a request that ended unseen
+    while state.free_slots:
+        state.slot(f"s{len(state.slots)}", live=())
+    with pytest.raises(RuntimeError, match="monitored or input-dependent requests alive at once"):
+        state.slot("one-more", live=set(state.slots) | {"one-more"})
+
+
+def test_vllm_refusal_tokens_end_with_the_requests_end_token_or_are_empty(monkeypatch):
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.generate import REFUSAL_MESSAGE
+    from jailbreak_antidote.vllm_plugin import refusals
+
+    class Tokenizer:
+        eos_token_id = None
+
+        def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+            assert text == REFUSAL_MESSAGE and not add_special_tokens
+            return [1, 2, 3]
+
+    def tokens(eos=None, stop=None, logprobs=None, structured=False, skip=False, masks=False) -> list[int]:
+        model_config = SimpleNamespace(skip_tokenizer_init=skip)
+        scheduler = SimpleNamespace(vllm_config=SimpleNamespace(model_config=model_config), return_sampling_mask=masks)
+        params = SimpleNamespace(eos_token_id=eos, stop_token_ids=stop, logprobs=logprobs)
+        return refusals.refusal_token_ids(scheduler, SimpleNamespace(sampling_params=params,
+                                                                     use_structured_output=structured))  # fmt: skip
+
+    monkeypatch.setattr(refusals, "served_tokenizer", lambda model_config: Tokenizer())
+    assert tokens(eos=9) == [1, 2, 3, 9] and tokens(stop=[7, 8]) == [1, 2, 3, 7]
+    assert tokens() == [1, 2, 3]  # no end token anywhere (ignore_eos, no EOS): the message alone, no crash
+    assert tokens(eos=9, logprobs=5) == [] and tokens(eos=9, structured=True) == []
+    assert tokens(eos=9, skip=True) == [] and tokens(eos=9, masks=True) == []
 
 
 def test_vllm_scheduler_returns_each_finished_requests_harm_score():
@@ -560,7 +624,8 @@ def monitored(served, probed):
     return answers
 
 
-def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True, chunked: bool = True):
+def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True, chunked: bool = True,
+                 tensor_parallel: int = 1):  # fmt: skip
     from vllm import LLM
 
     if antidote is None:
@@ -574,7 +639,7 @@ def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: boo
     # Without chunked prefill (the probe modes), a step holds whole prompts: as many tokens as the model's length.
     return LLM(model=str(directory), dtype="float32", max_model_len=1024, max_num_seqs=16, enforce_eager=eager,
                seed=0, block_size=32, max_num_batched_tokens=32 if chunked else 1024,
-               enable_chunked_prefill=chunked)  # fmt: skip
+               enable_chunked_prefill=chunked, tensor_parallel_size=tensor_parallel)  # fmt: skip
 
 
 def stop_engine(llm) -> None:
@@ -835,6 +900,30 @@ def test_vllm_input_dependent_antidote_matches_the_transformers_engine(served, t
         stop_engine(llm)
 
 
+def test_vllm_tensor_parallel_ranks_steer_alike_and_return_the_score(served, probed, monkeypatch):
+    """Tensor parallel 2 (two worker processes on the CPU build): gated and scaled answers as the transformers
+    engine's, the harm score carried back from the worker processes, and an outright refusal."""
+    from jailbreak_antidote.generate import REFUSAL_MESSAGE
+
+    directory, _path, ids, _reference = served
+    probed_path, gated_reference = probed
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (the build's default reserves them)
+    llm = start_engine(directory, probed_path, monkeypatch, chunked=False, tensor_parallel=2)
+    try:
+        keys = [("gated", 0), ("gated", 1), ("scaled", 2), ("scaled", 3)]
+        settings = [{"antidote_alpha": 1.2, "antidote_mode": mode, "antidote_threshold": 0.5} for mode, _i in keys]
+        risky = next(i for i in range(len(ids)) if gated_reference[("gated", i)][1] >= 0.5)
+        settings.append({"antidote_alpha": 1.2, "antidote_refuse_threshold": 0.5})
+        outputs = generate(llm, [ids[i] for _m, i in keys] + [ids[risky]], settings)
+        for key, out in zip(keys, outputs):
+            assert same_as_reference(token_ids(out), gated_reference[key][0]), key
+            score = out.kv_transfer_params["antidote_harm_score"]
+            assert score == pytest.approx(gated_reference[key][1], rel=1e-3, abs=1e-6), key
+        assert outputs[-1].outputs[0].text == REFUSAL_MESSAGE and outputs[-1].kv_transfer_params["antidote_refused"]
+    finally:
+        stop_engine(llm)
+
+
 def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):
     """An engine that splits prompts refuses a probe-mode default at start (one line, the fix) and probe-mode
     requests with a 400, and keeps serving fixed ones."""
@@ -849,9 +938,9 @@ def test_vllm_probe_modes_need_whole_prompts(served, probed, monkeypatch):
     monkeypatch.delenv("JAILBREAK_ANTIDOTE_VLLM_MODE")
     llm = start_engine(directory, probed_path, monkeypatch)
     try:
-        with pytest.raises(VLLMValidationError, match="mode 'scaled' reads the whole prompt"):
+        with pytest.raises(VLLMValidationError, match="mode 'scaled': the whole prompt is read in one engine step"):
             generate(llm, [ids[0]], [{"antidote_mode": "scaled"}])
-        with pytest.raises(VLLMValidationError, match=r"refusal \(from harm probability 0\.5\) reads the whole"):
+        with pytest.raises(VLLMValidationError, match=r"refusal \(from harm probability 0\.5\): the whole prompt"):
             generate(llm, [ids[0]], [{"antidote_refuse_threshold": 0.5}])
         assert token_ids(generate(llm, [ids[0]], [{}])[0])
     finally:
@@ -955,9 +1044,9 @@ def test_vllm_streams_carry_the_harm_score_on_the_finishing_chunk():
         choice = {"index": index, "text": text, "finish_reason": finish}
         return f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]}, separators=(',', ':'))}\n\n"
 
-    async def outputs():  # (prompt index, RequestOutput): prompt 1 finishes with a score, prompt 0 without one
+    async def outputs():  # (prompt index, RequestOutput): prompt 1 finishes refused with a score, prompt 0 without
         yield 0, SimpleNamespace(kv_transfer_params=None)
-        yield 1, SimpleNamespace(kv_transfer_params={"antidote_harm_score": 0.75, "other": 1})
+        yield 1, SimpleNamespace(kv_transfer_params={"antidote_harm_score": 0.75, "antidote_refused": True, "other": 1})
         yield 0, SimpleNamespace(kv_transfer_params=None)
 
     async def completion_stream(self, request, engine_inputs, result_generator, request_id):
@@ -975,14 +1064,14 @@ def test_vllm_streams_carry_the_harm_score_on_the_finishing_chunk():
 
     events = asyncio.run(run())
     assert events[:3] == [chunk(0, "a", None), chunk(2, "b", None), chunk(0, "", "stop")]  # untouched
-    assert json.loads(events[3][6:])["kv_transfer_params"] == {"antidote_harm_score": 0.75}
+    assert json.loads(events[3][6:])["kv_transfer_params"] == {"antidote_harm_score": 0.75, "antidote_refused": True}
     assert events[4] == "data: [DONE]\n\n"
 
 
 def test_vllm_probe_modes_are_refused_where_a_prompt_is_not_read_whole():
     from types import SimpleNamespace
 
-    from jailbreak_antidote.vllm_plugin.frontend import probe_modes_refused
+    from jailbreak_antidote.vllm_plugin.frontend import REQUEST_FIXES, probe_modes_refused, refusal
 
     def engine(chunked: bool = False, long_prefill: int = 0, stages: int = 1) -> SimpleNamespace:
         return SimpleNamespace(
@@ -994,6 +1083,20 @@ def test_vllm_probe_modes_are_refused_where_a_prompt_is_not_read_whole():
     assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(chunked=True))
     assert "--no-enable-chunked-prefill" in probe_modes_refused(engine(long_prefill=256))
     assert "pipeline parallelism" in probe_modes_refused(engine(stages=2))
+    # one line naming only what this engine cannot apply, and how to do without it
+    chunked, speculative = engine(chunked=True), engine()
+    speculative.speculative_config = object()
+    every = Setting(1.0, mode="monitor", refuse_threshold=0.45, input_dependent=True)
+    assert refusal(chunked, every, REQUEST_FIXES).startswith(
+        "mode 'monitor' and outright refusal (from harm probability 0.45) and input-dependent steering (method "
+        "null_space): the whole prompt is read in one engine step"
+    )
+    assert refusal(speculative, every, REQUEST_FIXES) == (
+        "mode 'monitor': not applied with speculative decoding (several answer tokens per step); start the engine "
+        "without it; or send antidote_mode fixed"
+    )
+    assert refusal(speculative, Setting(1.0, mode="gated", refuse_threshold=0.45), REQUEST_FIXES) is None
+    assert refusal(chunked, Setting(1.0), REQUEST_FIXES) is None  # fixed directions split over steps: served
 
 
 def test_vllm_patches_are_installed_once_and_only_on_the_owner():

@@ -117,11 +117,15 @@ def refuse_threshold(value: Any, name: str, has_probe: bool) -> float | None:
     """A refuse threshold from a request field or the environment: "never" (None) or a harm probability."""
     if value == "never":
         return None
-    threshold = check_threshold(_number(value, name), name)
+    try:
+        threshold = check_threshold(_number(value, name), name)
+    except InvalidParameter:
+        raise InvalidParameter(f'{name} must be a harm probability in [0, 1] or "never", got {value!r}') from None
     if not has_probe:
+        fix = "unset it" if name == ENV_REFUSE else 'send "never"'
         raise InvalidParameter(
             f"{name} needs the antidote's harm probe, and this antidote has none; add one with `antidote probe`, "
-            'or send "never"'
+            f"or {fix}"
         )
     return threshold
 

@@ -17,17 +17,24 @@ from ..errors import InvalidParameter
 from .config import ENV_ALPHA, ENV_MODE, ENV_REFUSE, Setting, config_from_environment
 from .patching import wrap_once
 
+# How to do without what needs the whole prompt: a request's fields, the engine's environment at start.
+REQUEST_FIXES = {"mode": "send antidote_mode fixed", "refuse": 'send antidote_refuse_threshold "never"',
+                 "alpha": "send antidote_alpha 0"}  # fmt: skip
+START_FIXES = {"mode": f"set {ENV_MODE}=fixed", "refuse": f"set {ENV_REFUSE}=never", "alpha": f"set {ENV_ALPHA}=0"}
+
 
 def probe_modes_refused(vllm_config: Any) -> str | None:
-    """Why this engine cannot apply the gated and scaled modes (None: it can). The probe pools every prompt
-    token before the later blocks are steered, so a prompt must be read whole in one step, on one rank."""
+    """Why this engine cannot read a prompt whole (None: it can): the harm probe pools every prompt token before
+    the later blocks are steered, and an input-dependent antidote reads the prompt's last token for all of them,
+    so a prompt must be read in one step, on one rank."""
     scheduler = vllm_config.scheduler_config
     if scheduler.enable_chunked_prefill or scheduler.long_prefill_token_threshold > 0:
-        return ("reads the whole prompt in one engine step, and this engine splits prompts (chunked prefill): "
+        return ("the whole prompt is read in one engine step, and this engine splits prompts (chunked prefill): "
                 "start it with --no-enable-chunked-prefill (LLM(enable_chunked_prefill=False)) and "
                 "--max-num-batched-tokens at least --max-model-len")  # fmt: skip
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        return "is not applied under pipeline parallelism (the probe's block and the later ones may sit on other ranks)"
+        return ("not applied under pipeline parallelism (the prompt's reading and the blocks it steers may sit on "
+                "other ranks)")  # fmt: skip
     return None
 
 
@@ -35,27 +42,25 @@ def monitor_refused(vllm_config: Any) -> str | None:
     """Why this engine cannot apply the output monitor (None: it can): it folds one answer token per request
     and step into the running score, and speculative decoding checks several."""
     if getattr(vllm_config, "speculative_config", None) is not None:
-        return "is not applied with speculative decoding (several answer tokens per step); start the engine without it"
+        return "not applied with speculative decoding (several answer tokens per step); start the engine without it"
     return None
 
 
-def refusal(vllm_config: Any, setting: Setting) -> str | None:
-    """Why this engine cannot apply the setting (None: it can)."""
+def refusal(vllm_config: Any, setting: Setting, fixes: dict[str, str]) -> str | None:
+    """Why this engine cannot apply the setting, in one line naming what needs it and how to do without it
+    (None: it can). `fixes`: per use ("mode", "refuse", "alpha"), the setting that turns it off."""
     refused = probe_modes_refused(vllm_config) if setting.reads_whole_prompt else None
-    if refused is None and setting.waits_for_probe and setting.mode == "monitor":
-        refused = monitor_refused(vllm_config)
-    return refused
-
-
-def probe_readers(setting: Setting, mode_fix: str, refuse_fix: str, alpha_fix: str) -> tuple[str, str]:
-    """What in a setting reads the whole prompt, and how to do without it, for error messages."""
-    refuses = setting.refuse_threshold is not None
-    reads = setting.input_dependent and setting.steered
-    uses = [f"mode {setting.mode!r}"] * setting.waits_for_probe
-    uses += [f"outright refusal (from harm probability {setting.refuse_threshold:g})"] * refuses
-    uses += ["input-dependent steering (method null_space)"] * reads
-    fixes = [mode_fix] * setting.waits_for_probe + [refuse_fix] * refuses + [alpha_fix] * reads
-    return " and ".join(uses), " and ".join(fixes)
+    if refused is not None:
+        uses = {"mode": setting.waits_for_probe, "refuse": setting.refuse_threshold is not None,
+                "alpha": setting.input_dependent and setting.steered}  # fmt: skip
+    elif setting.waits_for_probe and setting.mode == "monitor":
+        refused, uses = monitor_refused(vllm_config), {"mode": True}
+    if refused is None:
+        return None
+    names = {"mode": f"mode {setting.mode!r}", "alpha": "input-dependent steering (method null_space)",
+             "refuse": f"outright refusal (from harm probability {setting.refuse_threshold or 0:g})"}  # fmt: skip
+    used = [use for use, on in uses.items() if on]
+    return f"{' and '.join(names[u] for u in used)}: {refused}; or {' and '.join(fixes[u] for u in used)}"
 
 
 def patch_engine_config() -> None:
@@ -82,10 +87,9 @@ def _checked_config(create):
                 "antidote plugin does not patch: the steering would be lost; disable that feature or unset "
                 "JAILBREAK_ANTIDOTE_VLLM"
             )
-        refused = refusal(vllm_config, config.default) if config is not None else None
+        refused = refusal(vllm_config, config.default, START_FIXES) if config is not None else None
         if refused is not None:
-            uses, fixes = probe_readers(config.default, f"{ENV_MODE}=fixed", f"{ENV_REFUSE}=never", f"{ENV_ALPHA}=0")
-            raise RuntimeError(f"the antidote's default {uses} {refused}; or set {fixes}")
+            raise RuntimeError(f"the antidote's default {refused}")
         if config is not None:
             from ..antidote import Antidote
             from .identity import check_served_model
@@ -122,12 +126,9 @@ def _checked_and_salted(process):
         if config is not None and isinstance(params, SamplingParams):
             try:
                 setting = config.setting(params.extra_args)
-                refused = refusal(self.vllm_config, setting)
+                refused = refusal(self.vllm_config, setting, REQUEST_FIXES)
                 if refused is not None:
-                    uses, fixes = probe_readers(
-                        setting, "antidote_mode fixed", 'antidote_refuse_threshold "never"', "antidote_alpha 0"
-                    )
-                    raise InvalidParameter(f"{uses} {refused}; or send {fixes}")
+                    raise InvalidParameter(refused)
             except InvalidParameter as error:
                 raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
         if setting is not None and ((setting.steered and setting.positions != "all") or setting.reads_whole_prompt):

@@ -7,8 +7,8 @@ whose sampled token is the answer's first. The scheduler appends tokens through 
 for a refused request the wrapper appends the refusal's tokens instead and finishes the request (finish_reason
 "stop", stop_reason "antidote_refusal"), so it is never scheduled again and its cache blocks are freed. The
 client reads `"antidote_refused": true` beside the harm score in kv_transfer_params (scores.py). A request
-with structured output (a grammar the refusal's tokens may break) or an engine started without a tokenizer
-gets an empty answer, flagged the same way.
+with structured output (a grammar the refusal's tokens may break) or asking for logprobs, and an engine
+started without a tokenizer or returning sampling masks, get an empty answer, flagged the same way.
 """
 
 from __future__ import annotations
@@ -51,14 +51,16 @@ def refusal_token_ids(scheduler: Any, request: Any) -> list[int]:
     end leaves a stopped answer's last token out of its text, as it does a normal answer's EOS (no tokens where
     they cannot be given, see above)."""
     model_config = scheduler.vllm_config.model_config
-    if model_config.skip_tokenizer_init or request.use_structured_output:
-        return []
-    from vllm.tokenizers import cached_tokenizer_from_config
-
-    tokenizer = cached_tokenizer_from_config(model_config)
     params = request.sampling_params
+    # The step's logprobs and sampling masks have one row per sampled token: the refusal's would be read off the
+    # next requests' rows. A grammar may not admit the refusal's text. Without a tokenizer there is no text.
+    if model_config.skip_tokenizer_init or request.use_structured_output or params.logprobs is not None:
+        return []
+    if getattr(scheduler, "return_sampling_mask", False):
+        return []
+    tokenizer = served_tokenizer(model_config)
     ends = [params.eos_token_id, *(params.stop_token_ids or ()), tokenizer.eos_token_id]
-    end = next(token_id for token_id in [*ends, None] if token_id is not None)
+    end = next((token_id for token_id in ends if token_id is not None), None)
     message = list(tokenizer.encode(REFUSAL_MESSAGE, add_special_tokens=False))
     return message if end is None else [*message, end]
 
@@ -67,6 +69,12 @@ def finished_stopped() -> Any:
     from vllm.v1.request import RequestStatus
 
     return RequestStatus.FINISHED_STOPPED
+
+
+def served_tokenizer(model_config: Any) -> Any:
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    return cached_tokenizer_from_config(model_config)
 
 
 def _refusing(update, placeholders: bool = False):

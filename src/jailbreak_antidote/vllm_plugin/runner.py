@@ -49,6 +49,7 @@ logger = logging.getLogger("jailbreak_antidote.vllm")
 
 
 NEVER_OPENED = 2**62  # the monitor's opening position of a request it has not opened
+SLOTS_PER_REQUEST = 4  # persistent slots per running request (preempted requests keep theirs)
 
 
 class TokenSteering(nn.Module):
@@ -66,15 +67,18 @@ class TokenSteering(nn.Module):
                  device: torch.device, probe: HarmProbe | None = None,
                  readouts: dict[int, torch.Tensor] | None = None):  # fmt: skip
         super().__init__()
-        slots = max_requests + 1  # the last one collects tokens no request's probe reads (padding, decode)
+        rows = max_requests + 1  # a step's requests; the last row collects tokens no probe pools (padding, decode)
+        # Persistent slots outlive a step: a preempted request keeps its slot while others run, hence room for
+        # several times the running requests; the last slot takes writes of rows and tokens that have none.
+        slots = SLOTS_PER_REQUEST * max_requests + 1
         for name, size, kind in [("base", max_tokens, torch.float32), ("pending", max_tokens, torch.float32),
                                  ("segment", max_tokens, torch.long), ("probed", max_tokens, torch.bool),
-                                 ("threshold", slots, torch.float32), ("scaled", slots, torch.bool),
+                                 ("threshold", rows, torch.float32), ("scaled", rows, torch.bool),
                                  ("watch", max_tokens, torch.float32), ("position", max_tokens, torch.long),
                                  ("slot", max_tokens, torch.long), ("fold", max_tokens, torch.bool),
-                                 ("prompt_slot", slots, torch.long), ("running", slots, torch.float32),
-                                 ("opened_at", slots, torch.long), ("last_token", slots, torch.long),
-                                 ("readout_slot", slots, torch.long)]:  # fmt: skip
+                                 ("prompt_slot", rows, torch.long), ("running", slots, torch.float32),
+                                 ("opened_at", slots, torch.long), ("last_token", rows, torch.long),
+                                 ("readout_slot", rows, torch.long)]:  # fmt: skip
             self.register_buffer(name, torch.zeros(size, dtype=kind, device=device), persistent=False)
         for layer, vector in vectors.items():
             self.register_buffer(f"vector_{layer}", vector.to(device=device, dtype=dtype), persistent=False)
@@ -91,14 +95,13 @@ class TokenSteering(nn.Module):
         # the probe hook's results, read by the later blocks' hooks in the same forward and by the host after it
         self.late: dict[str, torch.Tensor] = {}
         self._host = {name: torch.zeros_like(getattr(self, name), device="cpu") for name in self.WRITTEN}
-        self.dummy = slots - 1
-        for name in self.SLOTS:  # until written: no request's slot
-            getattr(self, name).fill_(self.dummy)
+        self.dummy_row, self.dummy = rows - 1, slots - 1
+        self.clear()
 
     # written by the host before each step (the rest are the hooks')
     WRITTEN = ("base", "pending", "segment", "probed", "threshold", "scaled", "watch", "position", "slot", "fold",
                "prompt_slot", "last_token", "readout_slot")  # fmt: skip
-    SLOTS = ("segment", "slot", "prompt_slot", "readout_slot")  # indices whose padding is the dummy slot
+    SLOTS = ("slot", "prompt_slot", "readout_slot")  # slot indices, whose padding is the dummy slot
 
     def hook(self, layer: int):
         vector = getattr(self, f"vector_{layer}")
@@ -119,7 +122,8 @@ class TokenSteering(nn.Module):
             else:
                 scale = base[:count].to(hidden.dtype)
             if readout is not None:  # input-dependent: times h . w at the prompt's last token, read at this block
-                read.index_copy_(0, self.readout_slot, (hidden + residual)[self.last_token].float() @ readout)
+                last = self.last_token
+                read.index_copy_(0, self.readout_slot, (hidden[last] + residual[last]).float() @ readout)
                 slot = self.slot[:count]
                 scale = scale * torch.where(slot == self.dummy, 0.0, read[slot]).to(hidden.dtype)
             return hidden + scale.unsqueeze(-1) * vector, residual
@@ -130,7 +134,7 @@ class TokenSteering(nn.Module):
         """Read the probe's block output (registered before that block's steering hook: the unsteered output,
         as in transformers), pool p(harmful) per request, and set the scale of the blocks from here on."""
         probe, late = self.probe, self.late
-        slots = self.threshold.shape[0]
+        rows = self.threshold.shape[0]
 
         def read(_module: nn.Module, _inputs: Any, output: Any) -> None:
             hidden, residual = output
@@ -139,9 +143,9 @@ class TokenSteering(nn.Module):
             token = (((state - self.probe_mean) / self.probe_std) @ self.probe_weight + probe.bias) / probe.tau
             segment = self.segment[:count]
             z = torch.where(self.probed[:count], token, -torch.inf)
-            peak = torch.full((slots,), -torch.inf, device=z.device).scatter_reduce(0, segment, z, "amax")
+            peak = torch.full((rows,), -torch.inf, device=z.device).scatter_reduce(0, segment, z, "amax")
             peak = torch.where(torch.isfinite(peak), peak, 0.0)
-            total = torch.zeros(slots, device=z.device).index_add(0, segment, torch.exp(z - peak[segment]))
+            total = torch.zeros(rows, device=z.device).index_add(0, segment, torch.exp(z - peak[segment]))
             pooled = probe.tau * (peak + torch.log(total))
             probability = torch.where(total > 0, torch.sigmoid(probe.scale * pooled + probe.offset), 0.0)
             opened = probability >= self.threshold
@@ -165,13 +169,19 @@ class TokenSteering(nn.Module):
 
         return read
 
+    def clear(self) -> None:
+        """An empty step: no token steered, read or folded, no row or slot written (before a forward that no
+        step wrote for, such as a dummy run, which must not replay the last step's writes into live slots)."""
+        self.write(**{name: np.zeros(0, dtype=self._host[name].numpy().dtype) for name in self.WRITTEN})
+
     def write(self, **arrays: np.ndarray) -> None:
         """Set each buffer's first len(array) entries and reset the rest (padding: no steering, no probe)."""
         for name, array in arrays.items():
             host = self._host[name]
             if len(array) > host.shape[0]:
                 raise RuntimeError(f"{len(array)} entries in one step, but the {name} buffer holds {host.shape[0]}")
-            host.fill_(self.dummy if name in self.SLOTS else 0)  # padding: no request's slot
+            # padding: no request's row or slot
+            host.fill_(self.dummy_row if name == "segment" else self.dummy if name in self.SLOTS else 0)
             host[: len(array)] = torch.from_numpy(array)
             getattr(self, name).copy_(host, non_blocking=True)
 
@@ -232,8 +242,17 @@ class RunnerState:
         self.free_slots = list(range(steering.dummy))
         self.read_until: dict[str, int] = {}
 
-    def slot(self, request_id: str) -> int:
+    def slot(self, request_id: str, live: Any) -> int:
+        """The request's persistent slot (a new one on first sight). `live`: the runner's requests, whose
+        absence marks a slot whose request ended unseen (a backstop: forget() frees them when they finish)."""
         if request_id not in self.slots:
+            if not self.free_slots:
+                self.forget({other for other in self.slots if other not in live})
+            if not self.free_slots:
+                raise RuntimeError(
+                    f"jailbreak-antidote: more than {len(self.slots)} monitored or input-dependent requests alive "
+                    "at once (running and preempted); lower --max-num-seqs or the load"
+                )
             self.slots[request_id] = self.free_slots.pop()
         return self.slots[request_id]
 
@@ -275,10 +294,9 @@ class RunnerState:
                 self.free_slots.append(self.slots.pop(request_id))
 
 
-def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: set[str]) -> None:
+def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray) -> None:
     """Each scheduled token's strengths under its request's setting and positions policy, into the buffers."""
     state: RunnerState = runner._antidote
-    state.forget(finished)
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     request_ids = list(batch.req_ids[:num_reqs])
@@ -309,7 +327,7 @@ def write_token_scales(runner: Any, num_scheduled_tokens: np.ndarray, finished: 
         thresholds[i], scaled[i] = setting.threshold, setting.mode == "scaled"
         policies[i], prompt_lengths[i] = POSITIONS_CODE[setting.positions], request.num_prompt_tokens
         if setting.steered and (setting.mode == "monitor" or state.steering.input_dependent):
-            slots[i] = state.slot(request_id)
+            slots[i] = state.slot(request_id, runner.requests)
         if setting.mode == "monitor" and setting.steered:
             monitor[i] = True
             read_until[i] = state.read_until.get(request_id, 0)
@@ -368,6 +386,8 @@ def patch_model_runners() -> None:
         pass
     for cls in classes:
         wrap_once(cls, "load_model", _after_load, own=True)
+    wrap_once(GPUModelRunner, "_update_states", _forgetting_finished)
+    wrap_once(GPUModelRunner, "_dummy_run", _cleared_first)
     wrap_once(GPUModelRunner, "_prepare_inputs", _after_prepare)
     wrap_once(GPUModelRunner, "execute_model", _after_execute)
     wrap_once(GPUModelRunner, "sample_tokens", _after_sample)
@@ -386,12 +406,38 @@ def _after_load(load):
     return load_model
 
 
+def _forgetting_finished(update):
+    """Forget finished requests (settings, scores, slots) at every step: a step that schedules nothing (the last
+    requests finishing) skips _prepare_inputs but still reports them here."""
+
+    @functools.wraps(update)
+    def _update_states(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        if getattr(self, "_antidote", None) is not None:
+            self._antidote.forget(set(scheduler_output.finished_req_ids))
+        return update(self, scheduler_output, *args, **kwargs)
+
+    return _update_states
+
+
+def _cleared_first(dummy_run):
+    """A dummy forward (warm-up, profiling, graph capture, an idle data-parallel rank) steers nothing and writes
+    no slot: without this it would replay the last real step's buffers."""
+
+    @functools.wraps(dummy_run)
+    def _dummy_run(self, *args: Any, **kwargs: Any):
+        if getattr(self, "_antidote", None) is not None:
+            self._antidote.steering.clear()
+        return dummy_run(self, *args, **kwargs)
+
+    return _dummy_run
+
+
 def _after_prepare(prepare):
     @functools.wraps(prepare)
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *args: Any, **kwargs: Any):
         result = prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if getattr(self, "_antidote", None) is not None:
-            write_token_scales(self, num_scheduled_tokens, set(scheduler_output.finished_req_ids))
+            write_token_scales(self, num_scheduled_tokens)
         return result
 
     return _prepare_inputs
