@@ -236,8 +236,8 @@ class RunnerState:
         self.probability: dict[str, float] = {}
         self.last_probed: list[tuple[str, int]] = []
         self.fresh: dict[str, float] = {}
-        # the monitor: each monitored request's slot in the device buffers, and how many of its tokens the
-        # probe has read (a preempted request's tokens, computed again, are not folded in twice)
+        # each monitored or input-dependent request's slot in the device buffers, and how many of a monitored
+        # request's tokens the probe has read (a preempted request's tokens, computed again, fold in once)
         self.slots: dict[str, int] = {}
         self.free_slots = list(range(steering.dummy))
         self.read_until: dict[str, int] = {}
