@@ -108,6 +108,8 @@ class TokenSteering(nn.Module):
         base, late = self.base, self.late
         after_probe = self.probe is not None and layer >= self.probe.layer
         monitored = self.probe is not None and not after_probe  # before the probe's block: the monitor's past
+        # the blocks before the probe's share one scale per forward: the first of them computes it
+        first_early = monitored and layer == min(x for x in self.layers if x < self.probe.layer)
         readout = getattr(self, f"readout_{layer}", None)
         read = getattr(self, f"read_{layer}", None)
 
@@ -117,8 +119,10 @@ class TokenSteering(nn.Module):
             if after_probe:
                 scale = late["scale"]
             elif monitored:  # an answer token after the one at which the monitor opened: every block
-                opened = self.position[:count] > self.opened_at[self.slot[:count]]
-                scale = (base[:count] + self.watch[:count] * opened).to(hidden.dtype)
+                if first_early:
+                    opened = self.position[:count] > self.opened_at[self.slot[:count]]
+                    late["early"] = (base[:count] + self.watch[:count] * opened).to(hidden.dtype)
+                scale = late["early"]
             else:
                 scale = base[:count].to(hidden.dtype)
             if readout is not None:  # input-dependent: times h . w at the prompt's last token, read at this block
