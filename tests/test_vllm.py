@@ -1023,6 +1023,14 @@ def test_vllm_openai_server_takes_the_setting_from_vllm_xargs(served, probed, tm
         assert len(finishing) == 1 and "".join(c["text"] for e in streamed for c in e["choices"]) == steered_text
         assert 0 <= finishing[0]["kv_transfer_params"]["antidote_harm_score"] <= 1
         assert reference[(1.2, "all", 0)] != reference[(0.0, "all", 0)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            exposed = response.read().decode()  # beside vLLM's own series
+        samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines()
+                   if line.startswith("antidote_")}  # fmt: skip
+        assert samples["antidote_probe_refusals_total"] == 1 and samples["antidote_harm_score_count"] == 4, samples
+        requests = {key: n for key, n in samples.items() if key.startswith("antidote_requests_total")}
+        assert sum(requests.values()) == 4 and requests['antidote_requests_total{mode="unsteered"}'] == 1, requests
+        assert "vllm:num_requests_running" in exposed
     finally:
         server.terminate()
         try:
@@ -1116,3 +1124,61 @@ def test_vllm_patches_are_installed_once_and_only_on_the_owner():
         wrap_once(Runner, "load_model", after)
     wrap_once(CPURunner, "load_model", after, own=True)  # inherits it: left alone
     assert CPURunner().load_model() == ["load", "attach"]
+
+
+def test_vllm_metrics_count_refusals_scores_and_modes():
+    """The front end's Prometheus series (no vLLM needed): refusals and harm scores of finished outputs only,
+    requests by mode, in the default registry that vLLM's /metrics serves."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from jailbreak_antidote.vllm_plugin.metrics import antidote_metrics
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    metrics = antidote_metrics()
+    assert antidote_metrics() is metrics  # once per process: a second registration would raise
+    before = (value("antidote_probe_refusals_total"), value("antidote_harm_score_count"),
+              value("antidote_harm_score_sum"), value("antidote_requests_total", mode="gated"),
+              value("antidote_requests_total", mode="unsteered"))  # fmt: skip
+
+    def output(finish: str | None, stop: str | None = None, params: dict | None = None) -> SimpleNamespace:
+        return SimpleNamespace(finish_reason=finish, stop_reason=stop, kv_transfer_params=params)
+
+    metrics.finished([
+        output(None, params={"antidote_harm_score": 0.9}),  # not finished yet: not counted
+        output("stop", "antidote_refusal", {"antidote_harm_score": 0.8, "antidote_refused": True}),
+        output("length", params={"antidote_harm_score": 0.25}),
+        output("stop", 7, None),
+    ])  # fmt: skip
+    metrics.taken(Setting(0.5, mode="gated"))
+    metrics.taken(Setting(0.0, mode="gated"))  # alpha 0: the plain model
+    after = (value("antidote_probe_refusals_total"), value("antidote_harm_score_count"),
+             value("antidote_harm_score_sum"), value("antidote_requests_total", mode="gated"),
+             value("antidote_requests_total", mode="unsteered"))  # fmt: skip
+    assert np.allclose(np.subtract(after, before), [1, 2, 1.05, 1, 1])
+    assert value("antidote_requests_total", mode="monitor") == 0.0  # declared at 0
+    assert REGISTRY.get_sample_value("antidote_requests_total", {"mode": "monitor"}) is not None
+
+
+def test_vllm_engines_the_plugin_cannot_steer_are_refused_with_the_fix():
+    from types import SimpleNamespace
+
+    from jailbreak_antidote.vllm_plugin.frontend import engine_refused
+
+    def engine(v2: bool = False, ubatching: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(use_v2_model_runner=v2, parallel_config=SimpleNamespace(use_ubatching=ubatching))
+
+    assert engine_refused(engine()) is None
+    assert "Model Runner V2" in engine_refused(engine(v2=True))
+    assert "--enable-dbo" in engine_refused(engine(ubatching=True))
+
+
+def test_vllm_streaming_input_sessions_are_served_only_unsteered():
+    from jailbreak_antidote.vllm_plugin.frontend import streaming_input_refused
+
+    assert streaming_input_refused(Setting(0.0)) is None
+    assert "antidote_alpha 0" in streaming_input_refused(Setting(0.5))
+    assert "streaming-input" in streaming_input_refused(Setting(0.0, refuse_threshold=0.4))

@@ -54,6 +54,7 @@ def register() -> None:
     if config is not None:
         use_runner_v1()
     from .frontend import patch_engine_config, patch_input_processor
+    from .metrics import patch_output_processor
     from .refusals import patch_refusals
     from .runner import patch_model_runners
     from .scores import patch_scheduler
@@ -61,6 +62,7 @@ def register() -> None:
 
     patch_engine_config()
     patch_input_processor()
+    patch_output_processor()
     patch_model_runners()
     patch_scheduler()
     patch_refusals()

@@ -63,6 +63,27 @@ def refusal(vllm_config: Any, setting: Setting, fixes: dict[str, str]) -> str | 
     return f"{' and '.join(names[u] for u in used)}: {refused}; or {' and '.join(fixes[u] for u in used)}"
 
 
+def engine_refused(vllm_config: Any) -> str | None:
+    """Why the plugin cannot serve this engine at all (None: it can), in one line with the fix."""
+    if vllm_config.use_v2_model_runner:
+        return ("this engine runs vLLM's Model Runner V2 (forced by a feature such as watermarking), which the "
+                "antidote plugin does not patch: the steering would be lost; disable that feature")  # fmt: skip
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        return ("this engine splits each step into micro-batches (--enable-dbo or --ubatch-size), whose forwards "
+                "would read each other's steering: start it without them")  # fmt: skip
+    return None
+
+
+def streaming_input_refused(setting: Setting) -> str | None:
+    """Why a chunk of a streaming-input session (one request fed in several inputs, each continuing the last
+    answer) is refused (None: it is served): a session's setting, positions and probe score are taken at its
+    first step, and each chunk turns the last answer into prompt, so only the unsteered model is served."""
+    if not setting.steered and setting.refuse_threshold is None:
+        return None
+    return ("streaming-input sessions are not steered by the antidote (each input turns the last answer into "
+            'prompt); send antidote_alpha 0 and antidote_refuse_threshold "never" to serve one unsteered')  # fmt: skip
+
+
 def patch_engine_config() -> None:
     """Check the antidote against the model as soon as vLLM has resolved its configuration, in the process that
     starts the engine: a mismatch stops `LLM(...)` or `vllm serve` with our one-line message before any engine
@@ -81,18 +102,18 @@ def _checked_config(create):
 
             use_runner_v1()  # also when this process's first engine had no antidote
         vllm_config = create(self, *args, **kwargs)
-        if config is not None and vllm_config.use_v2_model_runner:
-            raise RuntimeError(
-                "this engine runs vLLM's Model Runner V2 (forced by a feature such as watermarking), which the "
-                "antidote plugin does not patch: the steering would be lost; disable that feature or unset "
-                "JAILBREAK_ANTIDOTE_VLLM"
-            )
+        unsupported = engine_refused(vllm_config) if config is not None else None
+        if unsupported is not None:
+            raise RuntimeError(f"{unsupported}; or unset JAILBREAK_ANTIDOTE_VLLM to serve without the antidote")
         refused = refusal(vllm_config, config.default, START_FIXES) if config is not None else None
         if refused is not None:
             raise RuntimeError(f"the antidote's default {refused}")
         if config is not None:
             from ..antidote import Antidote
             from .identity import check_served_model
+            from .metrics import antidote_metrics
+
+            antidote_metrics()  # the series exist (at 0) before the first request
 
             model_config = vllm_config.model_config
             check_served_model(Antidote.load(config.path), model_config.model, model_config.hf_config)
@@ -127,6 +148,8 @@ def _checked_and_salted(process):
             try:
                 setting = config.setting(params.extra_args)
                 refused = refusal(self.vllm_config, setting, REQUEST_FIXES)
+                if refused is None and kwargs.get("resumable"):
+                    refused = streaming_input_refused(setting)
                 if refused is not None:
                     raise InvalidParameter(refused)
             except InvalidParameter as error:
@@ -138,7 +161,10 @@ def _checked_and_salted(process):
             params.skip_reading_prefix_cache = True
         request = process(self, request_id, prompt, params, *args, **kwargs)
         if setting is not None:
+            from .metrics import antidote_metrics
+
             request.cache_salt = salted(request.cache_salt, setting)
+            antidote_metrics().taken(setting)
         return request
 
     return process_inputs
