@@ -205,7 +205,7 @@ def main() -> int:
                                  "threshold": threshold, "scores_transformers_vllm": scores}  # fmt: skip
         failed |= bool(bad)
 
-    # 3. throughput, both engines at once (half the GPU's memory each)
+    # 3. throughput, steered and plain engines side by side
     command = [sys.executable, str(Path(__file__).parent / "vllm_overhead.py"), antidote_path, "--model", model_dir,
                "--compile", "--rounds", "8" if device == "cuda" else "2"]  # fmt: skip
     # two engines at once: each may take only part of the memory (on the CPU build vLLM checks free RAM at start)
